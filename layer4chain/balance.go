@@ -1,0 +1,196 @@
+package layer4chain
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+)
+
+// Upstream is one backend address the hop can dial, shared by every
+// connection of a handler. It is always used through a pointer because the
+// connection count must be one counter for all of them.
+type Upstream struct {
+	// Addr is the "host:port" dialed over TCP.
+	Addr string
+
+	// active counts connections currently established through this upstream;
+	// least_conn reads it and stats report it.
+	active atomic.Int64
+}
+
+// NewUpstream returns an Upstream for addr with no active connections. The
+// address is not checked here; configuration validates it with
+// ValidateUpstreamAddr so that errors surface at provisioning, not per dial.
+func NewUpstream(addr string) *Upstream {
+	return &Upstream{Addr: addr}
+}
+
+// Active reports the connections currently established through u. It is a
+// snapshot: other connections may start or end while the caller looks at it.
+func (u *Upstream) Active() int64 {
+	return u.active.Load()
+}
+
+// Acquire is called by the pipe once a connection is established through u,
+// so that least_conn and stats see it. Every Acquire must be paired with
+// exactly one Release.
+func (u *Upstream) Acquire() {
+	u.active.Add(1)
+}
+
+// Release is called by the pipe when a connection acquired through u ends.
+func (u *Upstream) Release() {
+	u.active.Add(-1)
+}
+
+// Policy names, as the JSON "load_balancing.selection.policy" accepts them.
+const (
+	// PolicyFirst always starts at the first configured upstream, so the
+	// others are only used as fallbacks. It is the default.
+	PolicyFirst = "first"
+	// PolicyRoundRobin rotates the starting upstream across connections.
+	PolicyRoundRobin = "round_robin"
+	// PolicyLeastConn starts at the upstream with the fewest active
+	// connections, the lowest index winning ties so the choice is stable.
+	PolicyLeastConn = "least_conn"
+	// PolicyRandom starts at a uniformly random upstream.
+	PolicyRandom = "random"
+	// PolicyIPHash starts at an upstream chosen by hashing the client
+	// address, so one client keeps reaching the same backend while the set
+	// of upstreams is unchanged.
+	PolicyIPHash = "ip_hash"
+)
+
+// Policies lists the accepted policy names, for validation messages and docs.
+var Policies = []string{PolicyFirst, PolicyRoundRobin, PolicyLeastConn, PolicyRandom, PolicyIPHash}
+
+// policy is the parsed form of a policy name, so Order switches on an int
+// rather than comparing strings on every connection.
+type policy uint8
+
+const (
+	policyFirst policy = iota
+	policyRoundRobin
+	policyLeastConn
+	policyRandom
+	policyIPHash
+)
+
+// Balancer orders upstreams for one connection's dial attempts. It is shared
+// by all connections of a handler and is immutable after NewBalancer except
+// for its round-robin counter, so it is safe for concurrent use.
+type Balancer struct {
+	policy    policy
+	upstreams []*Upstream
+	tries     int
+	next      atomic.Uint64 // round_robin position; wraps harmlessly
+}
+
+// NewBalancer builds a Balancer over upstreams. An empty policy means first;
+// an unknown one is an error naming it, so a typo in config fails loudly
+// instead of silently falling back. tries <= 0 means one attempt per
+// upstream. At least one upstream is required, and none may be nil, because
+// a hop with nothing to dial cannot do its job.
+func NewBalancer(policyName string, upstreams []*Upstream, tries int) (*Balancer, error) {
+	var p policy
+	switch policyName {
+	case "", PolicyFirst:
+		p = policyFirst
+	case PolicyRoundRobin:
+		p = policyRoundRobin
+	case PolicyLeastConn:
+		p = policyLeastConn
+	case PolicyRandom:
+		p = policyRandom
+	case PolicyIPHash:
+		p = policyIPHash
+	default:
+		return nil, fmt.Errorf("unknown load balancing policy %q (want one of %s)",
+			policyName, strings.Join(Policies, ", "))
+	}
+	if len(upstreams) == 0 {
+		return nil, errors.New("load balancing needs at least one upstream")
+	}
+	for i, u := range upstreams {
+		if u == nil {
+			return nil, fmt.Errorf("upstream %d is nil", i)
+		}
+	}
+	if tries <= 0 {
+		tries = len(upstreams)
+	}
+	return &Balancer{
+		policy: p,
+		// A private copy keeps the balancer immutable even if the caller
+		// reuses its slice.
+		upstreams: append([]*Upstream(nil), upstreams...),
+		tries:     tries,
+	}, nil
+}
+
+// Tries is the number of dial attempts Order plans for each connection.
+func (b *Balancer) Tries() int {
+	return b.tries
+}
+
+// Order appends to dst, and returns, the upstreams to try for a connection
+// from client, Tries entries in all: the policy's pick first, then the
+// following upstreams in configured order, wrapping around, so a failure
+// fails over to the next one. When Tries exceeds the number of upstreams the
+// sequence cycles again. It does not allocate when dst has room, because it
+// runs once per accepted connection.
+func (b *Balancer) Order(dst []*Upstream, client netip.Addr) []*Upstream {
+	n := len(b.upstreams)
+	if n == 0 {
+		return dst
+	}
+	start := b.pick(client)
+	for i := 0; i < b.tries; i++ {
+		dst = append(dst, b.upstreams[(start+i)%n])
+	}
+	return dst
+}
+
+// pick returns the index of the policy's first choice.
+func (b *Balancer) pick(client netip.Addr) int {
+	n := len(b.upstreams)
+	switch b.policy {
+	case policyRoundRobin:
+		return int((b.next.Add(1) - 1) % uint64(n))
+	case policyLeastConn:
+		best, bestActive := 0, b.upstreams[0].Active()
+		for i := 1; i < n; i++ {
+			if a := b.upstreams[i].Active(); a < bestActive {
+				best, bestActive = i, a
+			}
+		}
+		return best
+	case policyRandom:
+		return rand.IntN(n)
+	case policyIPHash:
+		return int(hashAddr(client) % uint64(n))
+	default:
+		return 0
+	}
+}
+
+// hashAddr is FNV-1a over the 16-byte form of the unmapped address, written
+// out by hand because hash/fnv would allocate per call. Unmapping first makes
+// an IPv4 client hash the same whether it arrived on a v4 or a dual-stack
+// socket.
+func hashAddr(a netip.Addr) uint64 {
+	const (
+		offset64 = 14695981039346656037
+		prime64  = 1099511628211
+	)
+	b := a.Unmap().As16()
+	h := uint64(offset64)
+	for _, c := range b {
+		h ^= uint64(c)
+		h *= prime64
+	}
+	return h
+}

@@ -1,0 +1,221 @@
+package layer4chain
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Defaults for a zero Dialer, chosen so an unreachable backend costs a client
+// seconds rather than the kernel's minutes of SYN retries, and so dead peers
+// behind NAT are noticed well before typical idle timeouts.
+const (
+	defaultConnectTimeout = 5 * time.Second
+	// DefaultKeepAlive is the TCP keepalive period of both sockets of a
+	// proxied connection.
+	DefaultKeepAlive = 15 * time.Second
+)
+
+// DialError is one failed connect attempt. The Reason is what the caller
+// closes the client with, so logs, metrics and stats agree on why.
+type DialError struct {
+	// Upstream is the address that was dialed, or empty when there was
+	// nothing to dial.
+	Upstream string
+	// Reason is connect_timeout, connect_refused or connect_failed.
+	Reason CloseReason
+	// Err is the underlying error, kept for errors.Is/As and for logs.
+	Err error
+}
+
+// Error reads "dialing upstream 127.0.0.1:9: connect_refused: <err>", the
+// reason word in the middle so it can be grepped without parsing.
+func (e *DialError) Error() string {
+	var b strings.Builder
+	b.WriteString("dialing upstream ")
+	b.WriteString(e.Upstream)
+	b.WriteString(": ")
+	b.WriteString(string(e.Reason))
+	if e.Err != nil {
+		b.WriteString(": ")
+		b.WriteString(e.Err.Error())
+	}
+	return b.String()
+}
+
+// Unwrap exposes the underlying error so callers can still test for
+// syscall errnos or context errors.
+func (e *DialError) Unwrap() error {
+	return e.Err
+}
+
+// ClassifyDialError maps a dial error to the reason a client is closed with.
+// Only refusals and timeouts get their own words because they mean different
+// things to an operator (backend down vs. backend or path black-holed);
+// everything else, unreachable routes, bad addresses and cancellation
+// included, is connect_failed. A nil error has no reason.
+func ClassifyDialError(err error) CloseReason {
+	if err == nil {
+		return ReasonNone
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return ReasonConnectRefused
+	}
+	// Checked before the generic Timeout() test: a cancelled context is not
+	// a timeout, and EAGAIN from connect means local port exhaustion, which
+	// syscall.Errno would otherwise report as a timeout.
+	if errors.Is(err, context.Canceled) || errors.Is(err, syscall.EAGAIN) {
+		return ReasonConnectFailed
+	}
+	if errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, os.ErrDeadlineExceeded) ||
+		errors.Is(err, syscall.ETIMEDOUT) {
+		return ReasonConnectTimeout
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return ReasonConnectTimeout
+	}
+	return ReasonConnectFailed
+}
+
+// Dialer dials upstreams with a connect timeout per attempt and fails over
+// to the next upstream on any failure. A zero Dialer is usable; it is safe
+// for concurrent use as long as its fields are not changed meanwhile.
+type Dialer struct {
+	// ConnectTimeout bounds each attempt, not the whole Dial, so one
+	// black-holed upstream cannot use up the time meant for the others.
+	// Zero or negative means 5s.
+	ConnectTimeout time.Duration
+	// KeepAlive is the TCP keepalive idle time and probe interval for
+	// upstream sockets, so a vanished upstream is noticed on long-lived
+	// quiet connections. Zero means 15s; negative disables keepalives.
+	KeepAlive time.Duration
+	// OnFailure, if set, is called for every failed attempt (for metrics and
+	// logs), synchronously and before the next attempt starts.
+	OnFailure func(*DialError)
+}
+
+// Dial tries each upstream in order until one connects, returning the
+// connection and the upstream used. When every attempt fails it returns the
+// last attempt's *DialError, whose Reason the caller closes the client with.
+// If ctx ends it stops at once, returning a *DialError wrapping ctx.Err()
+// whose Reason is connect_failed for cancellation (connect_timeout if the
+// context's own deadline passed). An empty order is a connect_failed
+// DialError. Dial never panics.
+func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Upstream, error) {
+	nd := d.netDialer()
+	var last *DialError
+	for _, u := range order {
+		if err := ctx.Err(); err != nil {
+			return nil, nil, &DialError{Upstream: addrOf(u), Reason: ClassifyDialError(err), Err: err}
+		}
+		if u == nil {
+			last = &DialError{Reason: ReasonConnectFailed, Err: errors.New("nil upstream")}
+			d.report(last)
+			continue
+		}
+		c, err := nd.DialContext(ctx, "tcp", u.Addr)
+		if err == nil {
+			if tc, ok := c.(*net.TCPConn); ok {
+				return tc, u, nil
+			}
+			// Unreachable for "tcp", but a wrong type must not crash the hop.
+			c.Close()
+			err = fmt.Errorf("dial returned %T, not *net.TCPConn", c)
+		}
+		last = &DialError{Upstream: u.Addr, Reason: ClassifyDialError(err), Err: err}
+		d.report(last)
+		if ctxErr := ctx.Err(); ctxErr != nil {
+			// The failure may be the cancellation itself or a coincidence;
+			// either way the caller asked us to stop, and that is the reason
+			// it must see.
+			if !errors.Is(err, ctxErr) {
+				err = fmt.Errorf("%w: %w", ctxErr, err)
+			}
+			return nil, nil, &DialError{Upstream: u.Addr, Reason: ClassifyDialError(ctxErr), Err: err}
+		}
+	}
+	if last == nil {
+		if err := ctx.Err(); err != nil {
+			return nil, nil, &DialError{Reason: ClassifyDialError(err), Err: err}
+		}
+		return nil, nil, &DialError{Reason: ReasonConnectFailed, Err: errors.New("no upstreams to dial")}
+	}
+	return nil, nil, last
+}
+
+// netDialer turns the Dialer's settings into the net.Dialer used for every
+// attempt of one Dial.
+func (d *Dialer) netDialer() net.Dialer {
+	nd := net.Dialer{Timeout: d.connectTimeout()}
+	switch ka := d.KeepAlive; {
+	case ka < 0:
+		nd.KeepAlive = -1
+	default:
+		if ka == 0 {
+			ka = DefaultKeepAlive
+		}
+		nd.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: ka, Interval: ka, Count: 3}
+	}
+	return nd
+}
+
+func (d *Dialer) connectTimeout() time.Duration {
+	if d.ConnectTimeout <= 0 {
+		return defaultConnectTimeout
+	}
+	return d.ConnectTimeout
+}
+
+// report passes a failed attempt to OnFailure.
+func (d *Dialer) report(e *DialError) {
+	if d.OnFailure != nil {
+		d.OnFailure(e)
+	}
+}
+
+func addrOf(u *Upstream) string {
+	if u == nil {
+		return ""
+	}
+	return u.Addr
+}
+
+// ValidateUpstreamAddr checks a "host:port" for dialing: a host and a numeric
+// port 1..65535 are required. It runs at provisioning so a bad address fails
+// the config load instead of every connection; messages say what is wrong.
+func ValidateUpstreamAddr(addr string) error {
+	if addr == "" {
+		return errors.New("upstream address is empty; want host:port")
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("upstream address %q is not host:port: %w", addr, err)
+	}
+	if host == "" {
+		return fmt.Errorf("upstream address %q has no host", addr)
+	}
+	if strings.ContainsAny(host, " \t\r\n/") {
+		return fmt.Errorf("upstream address %q has an invalid host %q", addr, host)
+	}
+	if port == "" {
+		return fmt.Errorf("upstream address %q has no port", addr)
+	}
+	for _, c := range port {
+		if c < '0' || c > '9' {
+			return fmt.Errorf("upstream address %q has a non-numeric port %q (service names are not resolved)", addr, port)
+		}
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("upstream address %q has port %s outside 1..65535", addr, port)
+	}
+	return nil
+}

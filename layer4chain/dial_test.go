@@ -1,0 +1,325 @@
+package layer4chain
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// newAcceptingListener returns the address of a loopback listener that
+// accepts every connection and holds it open until the test ends.
+func newAcceptingListener(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+	})
+	go func() {
+		defer close(done)
+		var conns []net.Conn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns = append(conns, c)
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// newRefusedAddr returns a loopback address nobody listens on any more, so
+// connects to it are refused with RST.
+func newRefusedAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	addr := ln.Addr().String()
+	if err := ln.Close(); err != nil {
+		t.Fatalf("close: %v", err)
+	}
+	return addr
+}
+
+// recordFailures returns an OnFailure callback and the slice it fills. Dial
+// calls OnFailure synchronously, so no locking is needed.
+func recordFailures() (func(*DialError), *[]*DialError) {
+	var got []*DialError
+	return func(e *DialError) { got = append(got, e) }, &got
+}
+
+func TestDialRefusedFirstUpstreamFailsOverToSecond(t *testing.T) {
+	t.Parallel()
+	refused := NewUpstream(newRefusedAddr(t))
+	good := NewUpstream(newAcceptingListener(t))
+	onFailure, failures := recordFailures()
+	d := &Dialer{ConnectTimeout: 2 * time.Second, OnFailure: onFailure}
+
+	c, used, err := d.Dial(context.Background(), []*Upstream{refused, good})
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	defer c.Close()
+	if used != good {
+		t.Fatalf("connected via %s, want %s", used.Addr, good.Addr)
+	}
+	if got := c.RemoteAddr().String(); got != good.Addr {
+		t.Fatalf("connection goes to %s, want %s", got, good.Addr)
+	}
+	if len(*failures) != 1 {
+		t.Fatalf("OnFailure called %d times, want 1: %v", len(*failures), *failures)
+	}
+	f := (*failures)[0]
+	if f.Upstream != refused.Addr || f.Reason != ReasonConnectRefused || !errors.Is(f, syscall.ECONNREFUSED) {
+		t.Fatalf("OnFailure got %v, want connect_refused for %s", f, refused.Addr)
+	}
+}
+
+func TestDialHealthyUpstreamReturnsTCPConnThatCarriesBytes(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	got := make(chan string, 1)
+	go func() {
+		s, err := ln.Accept()
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		defer s.Close()
+		b, _ := io.ReadAll(s)
+		got <- string(b)
+	}()
+	up := NewUpstream(ln.Addr().String())
+	// Both keepalive settings must produce a working socket.
+	for _, ka := range []time.Duration{0, -1, time.Second} {
+		d := &Dialer{KeepAlive: ka}
+		c, used, err := d.Dial(context.Background(), []*Upstream{up})
+		if err != nil {
+			t.Fatalf("keepalive %v: dial: %v", ka, err)
+		}
+		if used != up {
+			t.Fatalf("keepalive %v: used %v, want %v", ka, used, up)
+		}
+		if ka != 0 {
+			c.Close()
+			continue
+		}
+		if _, err := c.Write([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+		c.CloseWrite()
+		if s := <-got; s != "hello" {
+			t.Fatalf("upstream read %q, want hello", s)
+		}
+		c.Close()
+	}
+}
+
+func TestDialAllRefusedReturnsLastErrorAndReportsEveryAttempt(t *testing.T) {
+	t.Parallel()
+	order := []*Upstream{
+		NewUpstream(newRefusedAddr(t)),
+		NewUpstream(newRefusedAddr(t)),
+		NewUpstream(newRefusedAddr(t)),
+	}
+	onFailure, failures := recordFailures()
+	d := &Dialer{ConnectTimeout: 2 * time.Second, OnFailure: onFailure}
+
+	c, used, err := d.Dial(context.Background(), order)
+	if err == nil {
+		c.Close()
+		t.Fatalf("connected via %s to a closed port", used.Addr)
+	}
+	if c != nil || used != nil {
+		t.Fatalf("failed dial returned conn %v, upstream %v", c, used)
+	}
+	var de *DialError
+	if !errors.As(err, &de) {
+		t.Fatalf("error %T %v is not a *DialError", err, err)
+	}
+	last := order[len(order)-1]
+	if de.Upstream != last.Addr || de.Reason != ReasonConnectRefused {
+		t.Fatalf("got %v, want connect_refused for the last upstream %s", de, last.Addr)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Fatalf("error %v does not unwrap to ECONNREFUSED", err)
+	}
+	want := fmt.Sprintf("dialing upstream %s: connect_refused: ", last.Addr)
+	if !strings.HasPrefix(err.Error(), want) {
+		t.Fatalf("message %q, want prefix %q", err.Error(), want)
+	}
+	if len(*failures) != len(order) {
+		t.Fatalf("OnFailure called %d times, want %d", len(*failures), len(order))
+	}
+	for i, f := range *failures {
+		if f.Upstream != order[i].Addr || f.Reason != ReasonConnectRefused {
+			t.Fatalf("failure %d: got %v, want connect_refused for %s", i, f, order[i].Addr)
+		}
+	}
+}
+
+func TestDialCancelledContextStopsBeforeAnyAttempt(t *testing.T) {
+	t.Parallel()
+	good := NewUpstream(newAcceptingListener(t))
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	onFailure, failures := recordFailures()
+	d := &Dialer{OnFailure: onFailure}
+
+	c, _, err := d.Dial(ctx, []*Upstream{good, good})
+	if err == nil {
+		c.Close()
+		t.Fatal("dial with a cancelled context connected")
+	}
+	var de *DialError
+	if !errors.As(err, &de) || de.Reason != ReasonConnectFailed || !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v, want connect_failed wrapping context.Canceled", err)
+	}
+	if len(*failures) != 0 {
+		t.Fatalf("OnFailure called for attempts never made: %v", *failures)
+	}
+}
+
+func TestDialWithNothingToDialFailsWithoutPanicking(t *testing.T) {
+	t.Parallel()
+	d := &Dialer{}
+	for name, order := range map[string][]*Upstream{
+		"nil":          nil,
+		"empty":        {},
+		"nil upstream": {nil},
+		"bad address":  {NewUpstream("127.0.0.1:notaport")},
+	} {
+		c, used, err := d.Dial(context.Background(), order)
+		var de *DialError
+		if c != nil || used != nil || !errors.As(err, &de) || de.Reason != ReasonConnectFailed {
+			t.Errorf("%s: got (%v, %v, %v), want a connect_failed DialError", name, c, used, err)
+		}
+	}
+}
+
+// timeoutErr is a net.Error that claims to be a timeout without wrapping any
+// of the well-known sentinel errors.
+type timeoutErr struct{}
+
+func (timeoutErr) Error() string   { return "custom timeout" }
+func (timeoutErr) Timeout() bool   { return true }
+func (timeoutErr) Temporary() bool { return false }
+
+func TestClassifyDialErrorMapsEachFailureToItsReason(t *testing.T) {
+	t.Parallel()
+	opErr := func(err error) error {
+		return &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("connect", err)}
+	}
+	tests := []struct {
+		name string
+		err  error
+		want CloseReason
+	}{
+		{"nil", nil, ReasonNone},
+		{"refused", opErr(syscall.ECONNREFUSED), ReasonConnectRefused},
+		{"bare refused", syscall.ECONNREFUSED, ReasonConnectRefused},
+		{"wrapped refused", fmt.Errorf("outer: %w", opErr(syscall.ECONNREFUSED)), ReasonConnectRefused},
+		{"etimedout", opErr(syscall.ETIMEDOUT), ReasonConnectTimeout},
+		{"context deadline", context.DeadlineExceeded, ReasonConnectTimeout},
+		{"os deadline", os.ErrDeadlineExceeded, ReasonConnectTimeout},
+		{"net.Error timeout", &net.OpError{Op: "dial", Net: "tcp", Err: timeoutErr{}}, ReasonConnectTimeout},
+		{"host unreachable", opErr(syscall.EHOSTUNREACH), ReasonConnectFailed},
+		{"network unreachable", opErr(syscall.ENETUNREACH), ReasonConnectFailed},
+		{"port exhaustion", opErr(syscall.EAGAIN), ReasonConnectFailed},
+		{"address error", &net.OpError{Op: "dial", Net: "tcp", Err: &net.AddrError{Err: "missing port in address", Addr: "x"}}, ReasonConnectFailed},
+		{"dns error", &net.OpError{Op: "dial", Net: "tcp", Err: &net.DNSError{Err: "no such host", Name: "x.invalid", IsNotFound: true}}, ReasonConnectFailed},
+		{"context canceled", context.Canceled, ReasonConnectFailed},
+		{"other", errors.New("something odd"), ReasonConnectFailed},
+	}
+	for _, tt := range tests {
+		if got := ClassifyDialError(tt.err); got != tt.want {
+			t.Errorf("%s: ClassifyDialError(%v) = %q, want %q", tt.name, tt.err, got, tt.want)
+		}
+	}
+}
+
+func TestClassifyDialErrorOnRealCancelledDialIsConnectFailed(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var nd net.Dialer
+	_, err := nd.DialContext(ctx, "tcp", newAcceptingListener(t))
+	if err == nil {
+		t.Fatal("dial with a cancelled context succeeded")
+	}
+	if got := ClassifyDialError(err); got != ReasonConnectFailed {
+		t.Fatalf("ClassifyDialError(%v) = %q, want connect_failed", err, got)
+	}
+}
+
+func TestDialErrorMessageNamesUpstreamAndReason(t *testing.T) {
+	t.Parallel()
+	inner := errors.New("boom")
+	e := &DialError{Upstream: "127.0.0.1:9", Reason: ReasonConnectRefused, Err: inner}
+	if got, want := e.Error(), "dialing upstream 127.0.0.1:9: connect_refused: boom"; got != want {
+		t.Fatalf("Error() = %q, want %q", got, want)
+	}
+	if !errors.Is(e, inner) {
+		t.Fatal("DialError does not unwrap to its cause")
+	}
+}
+
+func TestValidateUpstreamAddrAcceptsHostPortAndExplainsRejections(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		addr    string
+		wantErr string // empty: valid
+	}{
+		{"127.0.0.1:8080", ""},
+		{"backend.internal:443", ""},
+		{"[::1]:22", ""},
+		{"[fe80::1%eth0]:22", ""},
+		{"localhost:1", ""},
+		{"localhost:65535", ""},
+		{"", "empty"},
+		{"127.0.0.1", "not host:port"},
+		{":8080", "no host"},
+		{"127.0.0.1:", "no port"},
+		{"127.0.0.1:http", "non-numeric port"},
+		{"127.0.0.1:-1", "non-numeric port"},
+		{"127.0.0.1:0", "outside 1..65535"},
+		{"127.0.0.1:65536", "outside 1..65535"},
+		{"127.0.0.1:99999999999999999999", "outside 1..65535"},
+		{"bad host:80", "invalid host"},
+		{"::1:80", "not host:port"},
+	}
+	for _, tt := range tests {
+		err := ValidateUpstreamAddr(tt.addr)
+		switch {
+		case tt.wantErr == "" && err != nil:
+			t.Errorf("ValidateUpstreamAddr(%q) = %v, want nil", tt.addr, err)
+		case tt.wantErr != "" && err == nil:
+			t.Errorf("ValidateUpstreamAddr(%q) = nil, want an error about %q", tt.addr, tt.wantErr)
+		case tt.wantErr != "" && !strings.Contains(err.Error(), tt.wantErr):
+			t.Errorf("ValidateUpstreamAddr(%q) = %v, want it to mention %q", tt.addr, err, tt.wantErr)
+		}
+	}
+}

@@ -1,0 +1,311 @@
+package layer4chain
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Timeouts are the limits of an established connection. Zero disables one.
+type Timeouts struct {
+	// Idle ends a connection that moved no byte either way for this long.
+	Idle time.Duration
+	// HalfClose ends a half-closed connection whose remaining direction
+	// moved no byte for this long. It is an inactivity limit, so a live
+	// stream in the remaining direction is never cut.
+	HalfClose time.Duration
+	// MaxLifetime ends a connection this long after it was admitted.
+	MaxLifetime time.Duration
+}
+
+// bufSize is the copy chunk. 64 KiB keeps syscalls per byte low on fast
+// links; a buffer is held only while bytes are in flight (see direction.read),
+// so idle connections cost none.
+const bufSize = 64 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+func getBuf() *[]byte  { return bufPool.Get().(*[]byte) }
+func putBuf(b *[]byte) { bufPool.Put(b) }
+
+// closeWriter is a connection whose write side can be closed on its own.
+type closeWriter interface{ CloseWrite() error }
+
+// pipe copies the two directions of one established connection. The
+// goroutine running runPipe owns it; it starts one more goroutine for the
+// downstream direction and waits for it before returning.
+type pipe struct {
+	r        *Record
+	t        Timeouts
+	client   net.Conn
+	upstream net.Conn
+
+	up   direction // client → upstream
+	down direction // upstream → client
+
+	finished    atomic.Int32 // directions that ended with EOF
+	firstClosed CloseReason  // who ended first, for a graceful close
+	closeOnce   sync.Once
+	wg          sync.WaitGroup
+}
+
+// direction is one way through the pipe: it reads src and writes dst.
+type direction struct {
+	p        *pipe
+	src, dst net.Conn
+	other    *direction
+	bytes    *atomic.Int64
+
+	closed   CloseReason // src sent EOF
+	srcReset CloseReason // src failed
+	dstReset CloseReason // dst failed
+
+	// Readiness-first reads on a raw socket: see read.
+	raw    syscall.RawConn
+	readFn func(fd uintptr) bool
+	buf    *[]byte
+	n      int
+	err    error
+
+	writeDeadline time.Time
+}
+
+// runPipe copies both directions until both have ended or one failed or a
+// limit was hit, and returns why the connection ended. It does not close the
+// sockets on a graceful end; the caller owns them.
+func runPipe(r *Record, client, upstream net.Conn, t Timeouts) CloseReason {
+	p := &pipe{r: r, t: t, client: client, upstream: upstream}
+	p.up = direction{p: p, src: client, dst: upstream, other: &p.down, bytes: &r.bytesUp,
+		closed: ReasonClientClosed, srcReset: ReasonClientReset, dstReset: ReasonUpstreamReset}
+	p.down = direction{p: p, src: upstream, dst: client, other: &p.up, bytes: &r.bytesDown,
+		closed: ReasonUpstreamClosed, srcReset: ReasonUpstreamReset, dstReset: ReasonClientReset}
+	p.up.init()
+	p.down.init()
+	p.up.armRead()
+	p.down.armRead()
+
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		p.down.copy()
+	}()
+	p.up.copy()
+	p.wg.Wait()
+
+	if reason := r.Reason(); reason != ReasonNone {
+		return reason
+	}
+	return p.firstClosed
+}
+
+// fail ends the whole connection at once: both sockets are closed, which
+// wakes the other direction. After a reset the surviving peer gets a reset
+// too (SO_LINGER 0), so the failure is passed on rather than disguised as a
+// clean end.
+func (p *pipe) fail(reason CloseReason, reset bool) {
+	p.r.setReason(reason)
+	p.closeOnce.Do(func() {
+		if reset {
+			for _, c := range []net.Conn{p.client, p.upstream} {
+				if tc, ok := c.(*net.TCPConn); ok {
+					_ = tc.SetLinger(0)
+				}
+			}
+		}
+		_ = p.client.Close()
+		_ = p.upstream.Close()
+	})
+}
+
+// limit returns the inactivity limit that applies in state s.
+func (p *pipe) limit(s State) (time.Duration, CloseReason) {
+	if s == StateHalfClosed {
+		return p.t.HalfClose, ReasonHalfCloseTimeout
+	}
+	return p.t.Idle, ReasonIdleTimeout
+}
+
+// deadline returns when the connection expires if no byte moves after
+// lastActive, in state s; zero means never.
+func (p *pipe) deadline(s State, lastActive time.Time) time.Time {
+	var dl time.Time
+	if lim, _ := p.limit(s); lim > 0 {
+		dl = lastActive.Add(lim)
+	}
+	if p.t.MaxLifetime > 0 {
+		if end := p.r.Started.Add(p.t.MaxLifetime); dl.IsZero() || end.Before(dl) {
+			dl = end
+		}
+	}
+	return dl
+}
+
+// expired says whether a limit is reached at now, and which.
+func (p *pipe) expired(now time.Time) (CloseReason, bool) {
+	if p.t.MaxLifetime > 0 && !now.Before(p.r.Started.Add(p.t.MaxLifetime)) {
+		return ReasonMaxLifetime, true
+	}
+	lim, reason := p.limit(p.r.State())
+	if lim > 0 && now.Sub(p.r.LastActivity()) >= lim {
+		return reason, true
+	}
+	return ReasonNone, false
+}
+
+func (d *direction) init() {
+	if tc, ok := d.src.(*net.TCPConn); ok && rawReadSupported {
+		if raw, err := tc.SyscallConn(); err == nil {
+			d.raw = raw
+			d.readFn = d.readFd
+		}
+	}
+}
+
+// armRead sets src's read deadline for the current state. It re-reads the
+// state after setting it, so a concurrent half-close (which pokes this
+// direction after changing state) can never be overwritten by a deadline
+// computed for the old state.
+func (d *direction) armRead() {
+	for {
+		s := d.p.r.State()
+		_ = d.src.SetReadDeadline(d.p.deadline(s, d.p.r.LastActivity()))
+		if d.p.r.State() == s {
+			return
+		}
+	}
+}
+
+// armWrite keeps dst's write deadline a limit ahead of now, without a
+// deadline update per chunk: only when it has fallen an eighth behind.
+func (d *direction) armWrite(now time.Time) {
+	dl := d.p.deadline(d.p.r.State(), now)
+	lim, _ := d.p.limit(d.p.r.State())
+	if dl.Equal(d.writeDeadline) || (!d.writeDeadline.IsZero() && !dl.IsZero() && dl.Sub(d.writeDeadline) < lim/8) {
+		return
+	}
+	d.writeDeadline = dl
+	_ = d.dst.SetWriteDeadline(dl)
+}
+
+// copy moves bytes from src to dst until src ends, a limit is hit or either
+// socket fails.
+func (d *direction) copy() {
+	for {
+		buf, n, err := d.read()
+		if n > 0 {
+			now := time.Now()
+			d.p.r.touch(now)
+			werr := d.write((*buf)[:n], now)
+			d.bytes.Add(int64(n))
+			if werr != nil {
+				putBuf(buf)
+				d.writeFailed(werr)
+				return
+			}
+		}
+		if buf != nil {
+			putBuf(buf)
+		}
+		switch {
+		case err == nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if reason, expired := d.p.expired(time.Now()); expired {
+				d.p.fail(reason, false)
+				return
+			}
+			d.armRead()
+		case err == io.EOF:
+			d.finish()
+			return
+		default:
+			d.readFailed(err)
+			return
+		}
+	}
+}
+
+// read returns the next chunk of src. On a raw socket it waits for
+// readability first and takes a buffer from the pool only when bytes are
+// there, so an idle connection holds no buffer.
+func (d *direction) read() (*[]byte, int, error) {
+	if d.raw == nil {
+		b := getBuf()
+		n, err := d.src.Read(*b)
+		return b, n, err
+	}
+	d.buf, d.n, d.err = nil, 0, nil
+	if err := d.raw.Read(d.readFn); err != nil {
+		return nil, 0, err
+	}
+	return d.buf, d.n, d.err
+}
+
+// write writes all of b to dst. A write that times out is retried while the
+// connection as a whole is not expired (the other direction may be busy).
+func (d *direction) write(b []byte, now time.Time) error {
+	for {
+		d.armWrite(now)
+		n, err := d.dst.Write(b)
+		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		b = b[n:]
+		now = time.Now()
+		if reason, expired := d.p.expired(now); expired {
+			return &limitError{reason}
+		}
+	}
+}
+
+// limitError is a write abandoned because a limit expired.
+type limitError struct{ reason CloseReason }
+
+func (e *limitError) Error() string { return string(e.reason) }
+
+// finish passes src's EOF on to dst. The first direction to finish makes the
+// connection half-closed and wakes the other so it re-arms with the
+// half-close limit.
+func (d *direction) finish() {
+	cw, ok := d.dst.(closeWriter)
+	if !ok {
+		// Without a way to send EOF alone, the peer would wait forever for
+		// the end of a response: end the whole connection instead.
+		d.p.fail(d.closed, false)
+		return
+	}
+	if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+		d.p.fail(d.dstReset, true)
+		return
+	}
+	if d.p.finished.Add(1) == 1 {
+		d.p.firstClosed = d.closed
+		d.p.r.setState(StateHalfClosed)
+		_ = d.dst.SetReadDeadline(time.Now())
+	}
+}
+
+func (d *direction) readFailed(err error) {
+	if errors.Is(err, net.ErrClosed) {
+		// Closed by fail or by Record.Close, which recorded the reason.
+		d.p.fail(ReasonNone, false)
+		return
+	}
+	d.p.fail(d.srcReset, true)
+}
+
+func (d *direction) writeFailed(err error) {
+	var le *limitError
+	switch {
+	case errors.As(err, &le):
+		d.p.fail(le.reason, false)
+	case errors.Is(err, net.ErrClosed):
+		d.p.fail(ReasonNone, false)
+	default:
+		d.p.fail(d.dstReset, true)
+	}
+}

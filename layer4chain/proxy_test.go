@@ -1,0 +1,185 @@
+package layer4chain
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// hop serves a loopback listener with a Proxy, the way the Caddy handler
+// does, and waits for every connection when the test ends.
+type hop struct {
+	Addr    string
+	Tracker *Tracker
+	reasons chan CloseReason
+}
+
+func startHop(t testing.TB, p *Proxy, pending []byte) *hop {
+	t.Helper()
+	if p.Tracker == nil {
+		p.Tracker = NewTracker()
+	}
+	if p.Dialer == nil {
+		p.Dialer = &Dialer{ConnectTimeout: time.Second}
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &hop{Addr: ln.Addr().String(), Tracker: p.Tracker, reasons: make(chan CloseReason, 1024)}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				h.reasons <- p.Serve(c, pending, ClientMeta{Server: h.Addr})
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+		if n := p.Tracker.Len(); n != 0 {
+			t.Errorf("records left: %d", n)
+		}
+	})
+	return h
+}
+
+func balancerFor(t testing.TB, addrs ...string) *Balancer {
+	ups := make([]*Upstream, len(addrs))
+	for i, a := range addrs {
+		ups[i] = NewUpstream(a)
+	}
+	b, err := NewBalancer("", ups, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func (h *hop) reason(t *testing.T) CloseReason {
+	t.Helper()
+	select {
+	case r := <-h.reasons:
+		return r
+	case <-time.After(5 * time.Second):
+		t.Fatal("no connection ended")
+		return ""
+	}
+}
+
+func TestPendingBytesReachUpstreamFirstAfterTheHeader(t *testing.T) {
+	infos := make(chan *ProxyInfo, 1)
+	got := make(chan []byte, 1)
+	acceptor := &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		info, rest, err := acceptor.Accept(c, netip.MustParseAddr("127.0.0.1"))
+		if err != nil {
+			return
+		}
+		infos <- info
+		more, _ := io.ReadAll(c)
+		got <- append(rest, more...)
+	})
+	h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr), EmitVersion: 2}, []byte("matched-"))
+	c := chaintest.Dial(t, h.Addr)
+	io.WriteString(c, "rest")
+	c.CloseWrite()
+	info := <-infos
+	if info.Source.String() != c.LocalAddr().String() || info.Hops != 1 || len(info.ChainID) != 32 {
+		t.Fatalf("header: %+v", info)
+	}
+	if b := <-got; string(b) != "matched-rest" {
+		t.Fatalf("upstream got %q, want the matched bytes first", b)
+	}
+	c.Close()
+	if r := h.reason(t); r != ReasonClientClosed {
+		t.Fatalf("reason %s", r)
+	}
+}
+
+func TestRecordCloseEndsBothSidesWithItsReason(t *testing.T) {
+	backend := chaintest.NewEchoBackend(t)
+	h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr)}, nil)
+	c := chaintest.Dial(t, h.Addr)
+	io.WriteString(c, "x")
+	io.ReadFull(c, make([]byte, 1))
+	recs := h.Tracker.Records()
+	if len(recs) != 1 || recs[0].State() != StateEstablished {
+		t.Fatalf("records: %v", recs)
+	}
+	recs[0].Close(ReasonAdmin)
+	if _, elapsed, _ := chaintest.ReadUntilClosed(c, 3*time.Second); elapsed > time.Second {
+		t.Fatalf("client closed after %v", elapsed)
+	}
+	if r := h.reason(t); r != ReasonAdmin {
+		t.Fatalf("reason %s, want admin", r)
+	}
+}
+
+func TestMaxLifetimeEndsABusyConnection(t *testing.T) {
+	backend := chaintest.NewEchoBackend(t)
+	h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr),
+		Timeouts: Timeouts{Idle: time.Hour, MaxLifetime: 300 * time.Millisecond}}, nil)
+	c := chaintest.Dial(t, h.Addr)
+	start := time.Now()
+	buf := make([]byte, 4)
+	for {
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		if _, err := io.WriteString(c, "ping"); err != nil {
+			break
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			break
+		}
+	}
+	if elapsed := time.Since(start); elapsed < 250*time.Millisecond || elapsed > 1500*time.Millisecond {
+		t.Fatalf("busy connection ended after %v, want about 300ms", elapsed)
+	}
+	if r := h.reason(t); r != ReasonMaxLifetime {
+		t.Fatalf("reason %s, want max_lifetime", r)
+	}
+}
+
+func TestUpstreamHalfCloseReachesClientAndClientKeepsSending(t *testing.T) {
+	received := make(chan []byte, 1)
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		io.WriteString(c, "greeting")
+		c.CloseWrite() // the upstream is done talking, still listening
+		b, _ := io.ReadAll(c)
+		received <- b
+	})
+	h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr)}, nil)
+	c := chaintest.Dial(t, h.Addr)
+	got, _, err := chaintest.ReadUntilClosed(c, 3*time.Second)
+	if err != nil || string(got) != "greeting" {
+		t.Fatalf("client read %q, %v; want the greeting then EOF", got, err)
+	}
+	payload := bytes.Repeat([]byte("u"), 300_000)
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	c.CloseWrite()
+	if b := <-received; !bytes.Equal(b, payload) {
+		t.Fatalf("upstream got %d bytes after its half-close, want %d", len(b), len(payload))
+	}
+	if r := h.reason(t); r != ReasonUpstreamClosed {
+		t.Fatalf("reason %s, want upstream_closed (it ended first)", r)
+	}
+}

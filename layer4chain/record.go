@@ -1,0 +1,165 @@
+package layer4chain
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Record is one proxied connection as the tracker knows it, from admission to
+// removal. The goroutine serving the connection owns it: it creates it with
+// Tracker.Admit and its deferred Tracker.Remove ends it, so no path can leave
+// a record behind. Other goroutines (admin API, sweep) only read it or ask it
+// to close.
+type Record struct {
+	// ID identifies the record within this process.
+	ID uint64
+	// Server names the listener that accepted the connection.
+	Server string
+	// Client is the socket peer of the accepted connection.
+	Client netip.AddrPort
+	// Started is when the connection was admitted.
+	Started time.Time
+
+	tracker *Tracker
+	scope   *scope
+
+	state        atomic.Uint32
+	established  atomic.Int64 // unix nanoseconds; 0 until established
+	lastActivity atomic.Int64 // unix nanoseconds of the last byte moved
+	bytesUp      atomic.Int64 // client → upstream
+	bytesDown    atomic.Int64 // upstream → client
+
+	mu             sync.Mutex // guards the fields below, set while connecting
+	chainID        string
+	hop            int
+	originalClient netip.AddrPort
+	perClient      netip.Addr // the key counted against max_connections_per_client
+	upstream       string
+	reason         CloseReason
+	interrupt      func() // closes the record's sockets; set by the owner
+	closeRequested bool
+}
+
+// State returns the record's current state.
+func (r *Record) State() State { return State(r.state.Load()) }
+
+// setState moves the record forward and keeps the tracker's per-state counts
+// in step with the records.
+func (r *Record) setState(s State) {
+	old := State(r.state.Swap(uint32(s)))
+	if old != s {
+		r.tracker.stateCounts[old].Add(-1)
+		r.tracker.stateCounts[s].Add(1)
+	}
+}
+
+// touch records that bytes moved at now.
+func (r *Record) touch(now time.Time) { r.lastActivity.Store(now.UnixNano()) }
+
+// LastActivity returns when bytes last moved either way (or the admission
+// time if none have).
+func (r *Record) LastActivity() time.Time { return time.Unix(0, r.lastActivity.Load()) }
+
+// BytesUp returns the bytes copied from client to upstream.
+func (r *Record) BytesUp() int64 { return r.bytesUp.Load() }
+
+// BytesDown returns the bytes copied from upstream to client.
+func (r *Record) BytesDown() int64 { return r.bytesDown.Load() }
+
+// ChainID returns the ID that follows this connection across hops.
+func (r *Record) ChainID() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.chainID
+}
+
+// Reason returns why the connection closed, or ReasonNone while it lives.
+func (r *Record) Reason() CloseReason {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.reason
+}
+
+// setReason records why the connection ends; the first reason wins, so a
+// consequence (the other socket failing after a reset) never hides the cause.
+func (r *Record) setReason(reason CloseReason) {
+	r.mu.Lock()
+	if r.reason == ReasonNone {
+		r.reason = reason
+	}
+	r.mu.Unlock()
+}
+
+// setInterrupt installs how to close the record's sockets from outside. If a
+// close was already requested, f runs at once.
+func (r *Record) setInterrupt(f func()) {
+	r.mu.Lock()
+	r.interrupt = f
+	requested := r.closeRequested
+	r.mu.Unlock()
+	if requested && f != nil {
+		f()
+	}
+}
+
+// Close asks the connection to end with the given reason (admin, shutdown, a
+// limit enforced by the sweep). It returns at once; the owner notices its
+// sockets closing and removes the record.
+func (r *Record) Close(reason CloseReason) {
+	r.mu.Lock()
+	if r.reason == ReasonNone {
+		r.reason = reason
+	}
+	r.closeRequested = true
+	f := r.interrupt
+	r.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
+// RecordInfo is a snapshot of a Record, safe to keep and encode.
+type RecordInfo struct {
+	ID             uint64      `json:"id"`
+	ChainID        string      `json:"chain_id"`
+	Hop            int         `json:"hop"`
+	State          State       `json:"state"`
+	Server         string      `json:"server"`
+	Client         string      `json:"client"`
+	OriginalClient string      `json:"original_client"`
+	Upstream       string      `json:"upstream"`
+	Started        time.Time   `json:"started"`
+	Established    *time.Time  `json:"established,omitempty"`
+	LastActivity   time.Time   `json:"last_activity"`
+	BytesUp        int64       `json:"bytes_up"`
+	BytesDown      int64       `json:"bytes_down"`
+	Reason         CloseReason `json:"close_reason,omitempty"`
+}
+
+// Info returns a consistent snapshot of the record.
+func (r *Record) Info() RecordInfo {
+	info := RecordInfo{
+		ID:           r.ID,
+		State:        r.State(),
+		Server:       r.Server,
+		Client:       r.Client.String(),
+		Started:      r.Started,
+		LastActivity: r.LastActivity(),
+		BytesUp:      r.bytesUp.Load(),
+		BytesDown:    r.bytesDown.Load(),
+	}
+	if ns := r.established.Load(); ns != 0 {
+		t := time.Unix(0, ns)
+		info.Established = &t
+	}
+	r.mu.Lock()
+	info.ChainID = r.chainID
+	info.Hop = r.hop
+	info.OriginalClient = r.originalClient.String()
+	info.Upstream = r.upstream
+	info.Reason = r.reason
+	r.mu.Unlock()
+	return info
+}

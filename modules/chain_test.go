@@ -1,0 +1,345 @@
+package modules
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain"
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// roundTrip writes msg on c and reads the same number of bytes back.
+func roundTrip(t *testing.T, c net.Conn, msg string) {
+	t.Helper()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := io.WriteString(c, msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("read: %v", err)
+	}
+	if string(got) != msg {
+		t.Fatalf("echo: got %q, want %q", got, msg)
+	}
+	_ = c.SetDeadline(time.Time{})
+}
+
+// closedCount reads a close-reason counter of the process tracker.
+func closedCount(reason layer4chain.CloseReason) int64 { return processTracker().Closed(reason) }
+
+// waitClosedCount waits until the counter of reason reaches want: the
+// record is removed just after the client sees its socket close.
+func waitClosedCount(t *testing.T, reason layer4chain.CloseReason, want int64) {
+	t.Helper()
+	tr := processTracker()
+	deadline := time.After(3 * time.Second)
+	for tr.Closed(reason) < want {
+		select {
+		case <-tr.Empty():
+			if tr.Closed(reason) < want {
+				t.Fatalf("closed with %s: %d, want %d", reason, tr.Closed(reason), want)
+			}
+		case <-deadline:
+			t.Fatalf("closed with %s: %d, want %d", reason, tr.Closed(reason), want)
+		}
+	}
+}
+
+// waitEmpty waits until no connection is tracked.
+func waitEmpty(t *testing.T) {
+	t.Helper()
+	select {
+	case <-processTracker().Empty():
+	case <-time.After(5 * time.Second):
+		t.Fatalf("records still tracked: %d", processTracker().Len())
+	}
+}
+
+func TestEchoThroughOneHop(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr)})})
+
+	before := closedCount(layer4chain.ReasonClientClosed)
+	c := chaintest.Dial(t, addr)
+	roundTrip(t, c, "hello through one hop")
+	roundTrip(t, c, strings.Repeat("x", 200_000))
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	rest, _, err := chaintest.ReadUntilClosed(c, 3*time.Second)
+	if err != nil || len(rest) != 0 {
+		t.Fatalf("after half-close: read %q, %v; want a clean EOF", rest, err)
+	}
+	waitClosedCount(t, layer4chain.ReasonClientClosed, before+1)
+}
+
+// ppBackend reads the PROXY header every connection starts with (trusting
+// loopback), answers with the original client it names, then echoes.
+func ppBackend(t *testing.T, infos chan<- *layer4chain.ProxyInfo) *chaintest.Backend {
+	acceptor := &layer4chain.ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}, Timeout: 3 * time.Second}
+	return chaintest.NewBackend(t, func(c *net.TCPConn) {
+		info, rest, err := acceptor.Accept(c, netip.MustParseAddr("127.0.0.1"))
+		if err != nil || info == nil {
+			fmt.Fprintf(c, "no header: %v\n", err)
+			return
+		}
+		infos <- info
+		fmt.Fprintf(c, "%s\n", info.Source)
+		_, _ = c.Write(rest)
+		chaintest.Echo(c)
+	})
+}
+
+func TestBackendSeesOriginalClientThroughTwoHops(t *testing.T) {
+	for _, version := range []string{"v1", "v2"} {
+		t.Run(version, func(t *testing.T) {
+			checkLeaks(t)
+			infos := make(chan *layer4chain.ProxyInfo, 1)
+			backend := ppBackend(t, infos)
+			outer, inner := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
+			startCaddy(t, map[string]any{
+				"outer": server(outer, map[string]any{"upstreams": upstreams(inner), "proxy_protocol": "v2"}),
+				"inner": server(inner, map[string]any{
+					"upstreams":             upstreams(backend.Addr),
+					"accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.1/32"}},
+					"proxy_protocol":        version,
+				}),
+			})
+
+			c := chaintest.Dial(t, outer)
+			_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+			line := make([]byte, 64)
+			n, err := c.Read(line)
+			if err != nil {
+				t.Fatalf("reading the backend's answer: %v", err)
+			}
+			if got, want := strings.TrimSpace(string(line[:n])), c.LocalAddr().String(); got != want {
+				t.Fatalf("backend saw original client %q, want the client's own address %q", got, want)
+			}
+			info := <-infos
+			if version == "v2" && (info.Hops != 2 || info.ChainID == "") {
+				t.Fatalf("backend got hops %d and chain ID %q, want 2 and an ID", info.Hops, info.ChainID)
+			}
+
+			// Both hops hold a record of this connection under one chain ID.
+			records := processTracker().Records()
+			if len(records) != 2 {
+				t.Fatalf("tracked records: %d, want 2 (one per hop)", len(records))
+			}
+			a, b := records[0].Info(), records[1].Info()
+			if a.ChainID != b.ChainID || a.ChainID == "" {
+				t.Fatalf("chain IDs differ across hops: %q vs %q", a.ChainID, b.ChainID)
+			}
+			if a.Hop+b.Hop != 3 || a.OriginalClient != c.LocalAddr().String() || b.OriginalClient != a.OriginalClient {
+				t.Fatalf("hop records: %+v and %+v", a, b)
+			}
+			if version == "v2" && info.ChainID != a.ChainID {
+				t.Fatalf("backend got chain ID %q, hops have %q", info.ChainID, a.ChainID)
+			}
+			roundTrip(t, c, "still flowing")
+		})
+	}
+}
+
+func TestUnreachableBackendClosesClientAfterConnectTimeout(t *testing.T) {
+	checkLeaks(t)
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams":       upstreams(chaintest.BlackholeAddr(t)),
+		"connect_timeout": "300ms",
+	})})
+	before := closedCount(layer4chain.ReasonConnectTimeout)
+
+	c := chaintest.Dial(t, addr)
+	_, elapsed, err := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("client read: %v, want the connection closed", err)
+	}
+	if elapsed > 800*time.Millisecond {
+		t.Fatalf("client closed after %v, want within connect_timeout 300ms + 500ms", elapsed)
+	}
+	waitClosedCount(t, layer4chain.ReasonConnectTimeout, before+1)
+}
+
+func TestRefusedFirstUpstreamFailsOverToSecond(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams": upstreams(chaintest.RefusedAddr(t), backend.Addr),
+	})})
+	before := processTracker().DialFailures(layer4chain.ReasonConnectRefused)
+
+	c := chaintest.Dial(t, addr)
+	roundTrip(t, c, "served by the second upstream")
+	if got := processTracker().DialFailures(layer4chain.ReasonConnectRefused); got != before+1 {
+		t.Fatalf("refused dials counted: %d, want %d", got, before+1)
+	}
+}
+
+func TestRefusedOnlyUpstreamClosesClientAndCaddyServesOn(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	refusing, working := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{
+		"refusing": server(refusing, map[string]any{"upstreams": upstreams(chaintest.RefusedAddr(t))}),
+		"working":  server(working, map[string]any{"upstreams": upstreams(backend.Addr)}),
+	})
+	before := closedCount(layer4chain.ReasonConnectRefused)
+
+	for i := 0; i < 20; i++ {
+		c := chaintest.Dial(t, refusing)
+		_, elapsed, err := chaintest.ReadUntilClosed(c, 3*time.Second)
+		if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("client read: %v, want the connection closed", err)
+		}
+		if elapsed > 300*time.Millisecond {
+			t.Fatalf("client closed after %v, want within 300ms", elapsed)
+		}
+	}
+	waitClosedCount(t, layer4chain.ReasonConnectRefused, before+20)
+	roundTrip(t, chaintest.Dial(t, working), "caddy still serves")
+	roundTrip(t, chaintest.Dial(t, working), "and again")
+}
+
+func TestClientHalfCloseStillGetsLateLargeResponse(t *testing.T) {
+	checkLeaks(t)
+	const size = 1 << 20
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		req, err := io.ReadAll(c) // until the client's EOF arrives through the hop
+		if err != nil || string(req) != "request" {
+			return
+		}
+		_, _ = c.Write(bytes.Repeat([]byte{'r'}, size))
+	})
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr)})})
+
+	c := chaintest.Dial(t, addr)
+	if _, err := io.WriteString(c, "request"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if err != nil || len(got) != size {
+		t.Fatalf("response: %d bytes, %v; want %d bytes then EOF", len(got), err, size)
+	}
+}
+
+func TestHalfOpenStreamOutlivesHalfCloseTimeoutWhileActive(t *testing.T) {
+	checkLeaks(t)
+	const chunks = 16
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		if _, err := io.ReadAll(c); err != nil {
+			return
+		}
+		tick := time.NewTicker(50 * time.Millisecond) // the stream's own pace
+		defer tick.Stop()
+		for i := 0; i < chunks; i++ {
+			<-tick.C
+			if _, err := c.Write([]byte{'s'}); err != nil {
+				return
+			}
+		}
+	})
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams":          upstreams(backend.Addr),
+		"half_close_timeout": "250ms",
+	})})
+	before := closedCount(layer4chain.ReasonHalfCloseTimeout)
+
+	c := chaintest.Dial(t, addr)
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, elapsed, err := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if err != nil || len(got) != chunks {
+		t.Fatalf("stream: %d chunks in %v, %v; want all %d", len(got), elapsed, err, chunks)
+	}
+	if elapsed < 500*time.Millisecond {
+		t.Fatalf("stream took %v, want it to outlive the 250ms half_close_timeout", elapsed)
+	}
+	if n := closedCount(layer4chain.ReasonHalfCloseTimeout); n != before {
+		t.Fatalf("half_close_timeout cut %d connections, want none", n-before)
+	}
+}
+
+func TestSilentHalfOpenConnectionClosedByHalfCloseTimeout(t *testing.T) {
+	checkLeaks(t)
+	silent := make(chan struct{})
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		_, _ = io.ReadAll(c) // reads the client's EOF, then says nothing
+		<-silent
+	})
+	t.Cleanup(func() { close(silent) })
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams":          upstreams(backend.Addr),
+		"half_close_timeout": "250ms",
+	})})
+	before := closedCount(layer4chain.ReasonHalfCloseTimeout)
+
+	c := chaintest.Dial(t, addr)
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	_, elapsed, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if elapsed < 200*time.Millisecond || elapsed > 1500*time.Millisecond {
+		t.Fatalf("half-open connection closed after %v, want about 250ms", elapsed)
+	}
+	waitClosedCount(t, layer4chain.ReasonHalfCloseTimeout, before+1)
+}
+
+func TestIdleConnectionClosedByIdleTimeout(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams":    upstreams(backend.Addr),
+		"idle_timeout": "300ms",
+	})})
+	before := closedCount(layer4chain.ReasonIdleTimeout)
+
+	c := chaintest.Dial(t, addr)
+	roundTrip(t, c, "one exchange, then silence")
+	_, elapsed, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if elapsed < 250*time.Millisecond || elapsed > 1500*time.Millisecond {
+		t.Fatalf("idle connection closed after %v, want about 300ms", elapsed)
+	}
+	waitClosedCount(t, layer4chain.ReasonIdleTimeout, before+1)
+}
+
+func TestBackendResetEndsClientPromptly(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		_, _ = c.Read(make([]byte, 16))
+		_ = c.SetLinger(0) // close sends RST
+	})
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr)})})
+	before := closedCount(layer4chain.ReasonUpstreamReset)
+
+	c := chaintest.Dial(t, addr)
+	if _, err := io.WriteString(c, "trigger"); err != nil {
+		t.Fatal(err)
+	}
+	_, elapsed, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if elapsed > 500*time.Millisecond {
+		t.Fatalf("client ended %v after the backend's reset, want promptly", elapsed)
+	}
+	waitClosedCount(t, layer4chain.ReasonUpstreamReset, before+1)
+}

@@ -1,0 +1,42 @@
+package integration
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestQuickstartShowsOriginalClientThroughTwoHops runs the README's
+// quickstart as a user would and sends requests through the chain from two
+// loopback source addresses.
+func TestQuickstartShowsOriginalClientThroughTwoHops(t *testing.T) {
+	startCaddy(t, []string{"127.0.0.1:8001", "127.0.0.1:8003"}, "--config", "examples/quickstart.json")
+
+	for _, source := range []string{"127.0.0.1", "127.0.0.5"} {
+		var local net.Addr
+		dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(source)}}
+		client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+			DisableKeepAlives: true,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				c, err := dialer.DialContext(ctx, network, addr)
+				if err == nil {
+					local = c.LocalAddr()
+				}
+				return c, err
+			},
+		}}
+		resp, err := client.Get("http://127.0.0.1:8001/")
+		if err != nil {
+			t.Fatalf("GET through the chain from %s: %v", source, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if want := "original client: " + local.String(); strings.TrimSpace(string(body)) != want {
+			t.Fatalf("backend answered %q, want %q", body, want)
+		}
+	}
+}

@@ -23,7 +23,8 @@ type Backend struct {
 	Addr string
 
 	ln       net.Listener
-	wg       sync.WaitGroup
+	wg       sync.WaitGroup // the accept loop and every handler
+	handlers sync.WaitGroup // the handlers alone
 	mu       sync.Mutex
 	conns    map[net.Conn]struct{}
 	accepted chan net.Conn
@@ -55,8 +56,10 @@ func NewBackend(t testing.TB, handle func(*net.TCPConn)) *Backend {
 			default:
 			}
 			b.wg.Add(1)
+			b.handlers.Add(1)
 			go func() {
 				defer b.wg.Done()
+				defer b.handlers.Done()
 				defer func() {
 					b.mu.Lock()
 					delete(b.conns, c)
@@ -82,6 +85,10 @@ func (b *Backend) Close() {
 	b.mu.Unlock()
 	b.wg.Wait()
 }
+
+// WaitIdle waits until every connection accepted so far has been handled.
+// Call it only while no new connection can arrive.
+func (b *Backend) WaitIdle() { b.handlers.Wait() }
 
 // Accepted delivers the backend's connections as they are accepted.
 func (b *Backend) Accepted() <-chan net.Conn { return b.accepted }

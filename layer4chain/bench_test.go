@@ -1,0 +1,184 @@
+package layer4chain
+
+import (
+	"io"
+	"net"
+	"runtime"
+	"sync"
+	"testing"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// sinkBackend reads and discards everything, then closes.
+func sinkBackend(b *testing.B) *chaintest.Backend {
+	return chaintest.NewBackend(b, func(c *net.TCPConn) {
+		_, _ = io.Copy(io.Discard, struct{ io.Reader }{c})
+	})
+}
+
+// ioCopyHop is the baseline: the usual Go proxy, io.Copy both ways between
+// *net.TCPConn (splice on Linux).
+func ioCopyHop(b *testing.B, upstream string) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				up, err := net.Dial("tcp", upstream)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				done := make(chan struct{})
+				go func() { _, _ = io.Copy(c, up); close(done) }()
+				_, _ = io.Copy(up, c)
+				_ = up.(*net.TCPConn).CloseWrite()
+				<-done
+			}()
+		}
+	}()
+	b.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln.Addr().String()
+}
+
+// upload sends size bytes through addr and waits for the far end to close.
+func upload(b *testing.B, addr string, size int) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 64<<10)
+	for sent := 0; sent < size; sent += len(buf) {
+		if _, err := c.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	_ = c.(*net.TCPConn).CloseWrite()
+	_, _ = io.Copy(io.Discard, c)
+}
+
+// BenchmarkUploadThroughput moves 64 MiB per iteration from a client to a
+// discarding backend: directly, through the io.Copy baseline, and through
+// the chain pipe. Compare the MB/s columns; run with -cpu 1 for the
+// one-core figures the targets are stated in.
+func BenchmarkUploadThroughput(b *testing.B) {
+	const size = 64 << 20
+	for _, tc := range []struct {
+		name string
+		hop  func(b *testing.B, upstream string) string
+	}{
+		{"direct", func(b *testing.B, upstream string) string { return upstream }},
+		{"io_copy", ioCopyHop},
+		{"chain", func(b *testing.B, upstream string) string {
+			return startHop(b, &Proxy{Balancer: balancerFor(b, upstream)}, nil).Addr
+		}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			addr := tc.hop(b, sinkBackend(b).Addr)
+			b.SetBytes(size)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				upload(b, addr, size)
+			}
+			b.ReportMetric(float64(size)*8*float64(b.N)/b.Elapsed().Seconds()/1e9, "Gbit/s")
+		})
+	}
+}
+
+// BenchmarkConnectionsPerSecond opens a connection through the hop, moves
+// one small exchange, and closes it.
+func BenchmarkConnectionsPerSecond(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		hop  func(b *testing.B, upstream string) string
+	}{
+		{"io_copy", ioCopyHop},
+		{"chain", func(b *testing.B, upstream string) string {
+			return startHop(b, &Proxy{Balancer: balancerFor(b, upstream)}, nil).Addr
+		}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			addr := tc.hop(b, chaintest.NewEchoBackend(b).Addr)
+			msg := []byte("ping")
+			got := make([]byte, 4)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.Write(msg); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, got); err != nil {
+					b.Fatal(err)
+				}
+				c.Close()
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conns/s")
+		})
+	}
+}
+
+// BenchmarkIdleConnectionMemory holds 2,000 idle proxied connections and
+// reports the Go heap and goroutine stacks they cost per connection on the
+// proxy side. Clients and backends run in the same process, so their share
+// is measured without the proxy first and subtracted. (Kernel socket
+// buffers are not counted: they are not the process's RSS either.)
+func BenchmarkIdleConnectionMemory(b *testing.B) {
+	const n = 2000
+	type cost struct{ heap, stack float64 }
+	measure := func(b *testing.B, addr string, backend *chaintest.Backend) cost {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		conns := make([]net.Conn, 0, n)
+		one := make([]byte, 1)
+		for i := 0; i < n; i++ {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if _, err := c.Write(one); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := io.ReadFull(c, one); err != nil {
+				b.Fatal(err)
+			}
+			conns = append(conns, c)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		for _, c := range conns {
+			c.Close()
+		}
+		backend.WaitIdle()
+		return cost{
+			heap:  float64(int64(after.HeapInuse)-int64(before.HeapInuse)) / n,
+			stack: float64(int64(after.StackInuse)-int64(before.StackInuse)) / n,
+		}
+	}
+	for i := 0; i < b.N; i++ {
+		backend := chaintest.NewEchoBackend(b)
+		measure(b, backend.Addr, backend) // warm up pools and the runtime's free lists
+		direct := measure(b, backend.Addr, backend)
+		tr := NewTracker()
+		h := startHop(b, &Proxy{Tracker: tr, Balancer: balancerFor(b, backend.Addr)}, nil)
+		proxied := measure(b, h.Addr, backend)
+		<-tr.Empty()
+		b.ReportMetric(proxied.heap-direct.heap, "heap-B/idle-conn")
+		b.ReportMetric(proxied.stack-direct.stack, "stack-B/idle-conn")
+	}
+}

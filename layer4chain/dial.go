@@ -100,6 +100,9 @@ type Dialer struct {
 	// OnFailure, if set, is called for every failed attempt (for metrics and
 	// logs), synchronously and before the next attempt starts.
 	OnFailure func(*DialError)
+	// OnAttempt, if set, is called after every attempt with how long it
+	// took and its error (nil when it connected): for dial metrics.
+	OnAttempt func(upstream string, took time.Duration, err error)
 }
 
 // Dial tries each upstream in order until one connects, returning the
@@ -121,7 +124,11 @@ func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Up
 			d.report(last)
 			continue
 		}
+		start := time.Now()
 		c, err := nd.DialContext(ctx, "tcp", u.Addr)
+		if d.OnAttempt != nil {
+			d.OnAttempt(u.Addr, time.Since(start), err)
+		}
 		if err == nil {
 			if tc, ok := c.(*net.TCPConn); ok {
 				return tc, u, nil

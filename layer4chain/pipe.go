@@ -117,6 +117,8 @@ func (p *pipe) fail(reason CloseReason, reset bool) {
 				}
 			}
 		}
+		p.r.clientShut.Store(true)
+		p.r.upstreamShut.Store(true)
 		_ = p.client.Close()
 		_ = p.upstream.Close()
 	})

@@ -61,8 +61,12 @@ type ClientMeta struct {
 func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason CloseReason) {
 	r, err := p.Tracker.Admit(p.Scope, p.Limits, meta.Server, addrPortOf(client.RemoteAddr()))
 	if err != nil {
-		p.Tracker.countRefused()
-		return ReasonLimitExceeded
+		reason = ReasonLimitExceeded
+		if errors.Is(err, ErrShuttingDown) {
+			reason = ReasonShutdown
+		}
+		p.Tracker.countRefused(reason)
+		return reason
 	}
 	defer func() {
 		p.Tracker.Remove(r, reason)
@@ -74,8 +78,10 @@ func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason 
 func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMeta) CloseReason {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	r.deadlines.Store(&recordLimits{connectBy: r.Started.Add(p.connectPhase())})
 	r.setInterrupt(func() {
 		cancel()
+		r.clientShut.Store(true)
 		_ = client.Close()
 	})
 	setKeepAlive(client, p.KeepAlive)
@@ -130,14 +136,20 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		}
 		return ReasonConnectFailed
 	}
-	defer upConn.Close()
+	defer func() {
+		r.upstreamShut.Store(true)
+		_ = upConn.Close()
+	}()
 	up.Acquire()
 	defer up.Release()
 	r.mu.Lock()
 	r.upstream = up.Addr
 	r.mu.Unlock()
+	r.setSockets(client, upConn)
 	r.setInterrupt(func() {
 		cancel()
+		r.clientShut.Store(true)
+		r.upstreamShut.Store(true)
 		_ = client.Close()
 		_ = upConn.Close()
 	})
@@ -162,12 +174,23 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		r.bytesUp.Add(int64(len(pending)))
 	}
 
+	r.deadlines.Store(&recordLimits{timeouts: p.Timeouts})
 	now := time.Now()
 	r.established.Store(now.UnixNano())
 	r.touch(now)
 	r.setState(StateEstablished)
 	p.debug("established", r)
 	return runPipe(r, client, upConn, p.Timeouts)
+}
+
+// connectPhase bounds how long a connection may stay connecting: the PROXY
+// header's deadline plus every dial attempt.
+func (p *Proxy) connectPhase() time.Duration {
+	d := time.Duration(p.Balancer.Tries()) * p.Dialer.connectTimeout()
+	if p.Accept != nil {
+		d += p.Accept.timeout()
+	}
+	return d
 }
 
 func (p *Proxy) maxHops() int {

@@ -255,6 +255,14 @@ type ProxyAcceptor struct {
 	Timeout time.Duration
 }
 
+// timeout is the header's deadline, defaulted.
+func (a *ProxyAcceptor) timeout() time.Duration {
+	if a == nil || a.Timeout <= 0 {
+		return defaultProxyTimeout
+	}
+	return a.Timeout
+}
+
 // DeadlineReader is what Accept reads from: the client connection (a caddy-l4
 // *layer4.Connection in production, a *net.TCPConn in tests).
 type DeadlineReader interface {
@@ -301,13 +309,10 @@ type DeadlineReader interface {
 // conn itself for an untrusted peer, or an error from SetReadDeadline.
 func (a *ProxyAcceptor) Accept(conn DeadlineReader, peer netip.Addr) (info *ProxyInfo, rest []byte, err error) {
 	var allow []netip.Prefix
-	timeout := defaultProxyTimeout
 	if a != nil {
 		allow = a.Allow
-		if a.Timeout > 0 {
-			timeout = a.Timeout
-		}
 	}
+	timeout := a.timeout()
 	trusted := isTrusted(allow, peer)
 
 	if err := conn.SetReadDeadline(time.Now().Add(timeout)); err != nil {

@@ -1,9 +1,11 @@
 package layer4chain
 
 import (
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -26,6 +28,10 @@ type Record struct {
 	scope   *scope
 
 	state        atomic.Uint32
+	clientShut   atomic.Bool // this hop closed the client socket
+	upstreamShut atomic.Bool // this hop closed the upstream socket
+	suspect      atomic.Bool // seen as a zombie by one sweep; reaped by the next
+	deadlines    atomic.Pointer[recordLimits]
 	established  atomic.Int64 // unix nanoseconds; 0 until established
 	lastActivity atomic.Int64 // unix nanoseconds of the last byte moved
 	bytesUp      atomic.Int64 // client → upstream
@@ -40,6 +46,14 @@ type Record struct {
 	reason         CloseReason
 	interrupt      func() // closes the record's sockets; set by the owner
 	closeRequested bool
+	sockets        [2]syscall.RawConn // client, upstream: for the kernel's view
+}
+
+// recordLimits are what the sweep enforces when no deadline did: the
+// connect phase's end and the established connection's timeouts.
+type recordLimits struct {
+	connectBy time.Time
+	timeouts  Timeouts
 }
 
 // State returns the record's current state.
@@ -52,6 +66,9 @@ func (r *Record) setState(s State) {
 	if old != s {
 		r.tracker.stateCounts[old].Add(-1)
 		r.tracker.stateCounts[s].Add(1)
+		if o := r.tracker.Observer; o != nil {
+			o.StateChanged(r, old, s)
+		}
 	}
 }
 
@@ -136,9 +153,14 @@ type RecordInfo struct {
 	BytesUp        int64       `json:"bytes_up"`
 	BytesDown      int64       `json:"bytes_down"`
 	Reason         CloseReason `json:"close_reason,omitempty"`
+	// ClientSocket and UpstreamSocket are the kernel's view of each socket
+	// (TCP_INFO), where the platform provides it and the socket is open.
+	ClientSocket   *SocketInfo `json:"client_socket,omitempty"`
+	UpstreamSocket *SocketInfo `json:"upstream_socket,omitempty"`
 }
 
-// Info returns a consistent snapshot of the record.
+// Info returns a consistent snapshot of the record, without the sockets'
+// kernel view (see InfoWithSockets).
 func (r *Record) Info() RecordInfo {
 	info := RecordInfo{
 		ID:           r.ID,
@@ -162,4 +184,31 @@ func (r *Record) Info() RecordInfo {
 	info.Reason = r.reason
 	r.mu.Unlock()
 	return info
+}
+
+// InfoWithSockets is Info plus the kernel's view of each open socket, which
+// costs a system call per socket.
+func (r *Record) InfoWithSockets() RecordInfo {
+	info := r.Info()
+	r.mu.Lock()
+	client, upstream := r.sockets[0], r.sockets[1]
+	r.mu.Unlock()
+	info.ClientSocket = socketInfo(client)
+	info.UpstreamSocket = socketInfo(upstream)
+	return info
+}
+
+// setSockets keeps the raw sockets for the kernel's view in Info.
+func (r *Record) setSockets(client, upstream net.Conn) {
+	raw := func(c net.Conn) syscall.RawConn {
+		if sc, ok := c.(syscall.Conn); ok {
+			if rc, err := sc.SyscallConn(); err == nil {
+				return rc
+			}
+		}
+		return nil
+	}
+	r.mu.Lock()
+	r.sockets = [2]syscall.RawConn{raw(client), raw(upstream)}
+	r.mu.Unlock()
 }

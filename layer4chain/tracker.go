@@ -12,6 +12,22 @@ import (
 // ErrLimitExceeded is returned by admission when a connection limit is full.
 var ErrLimitExceeded = errors.New("connection limit exceeded")
 
+// ErrShuttingDown is returned by admission once the tracker drains.
+var ErrShuttingDown = errors.New("shutting down")
+
+// Observer is told what happens to records. Its methods are called on the
+// connection's own goroutine and must not block.
+type Observer interface {
+	// StateChanged reports a record moving from one state to another.
+	StateChanged(r *Record, from, to State)
+	// Closed reports a removed record, whose reason is final.
+	Closed(r *Record)
+	// Dialed reports one dial attempt and how long it took.
+	Dialed(upstream string, took time.Duration, err error)
+	// Swept reports a finished sweep.
+	Swept(SweepResult)
+}
+
 // Limits caps the connections of one scope (one handler's configuration).
 // Zero means no limit.
 type Limits struct {
@@ -38,19 +54,25 @@ type Tracker struct {
 	// It may be changed at any time (config reloads do).
 	MaxConnections atomic.Int64
 
-	// OnClose, if set, is called once for every removed record, after its
-	// reason is final (access logs, metrics). It must not block.
-	OnClose func(*Record)
+	// Observer, if set, is told about state changes, removals, dials and
+	// sweeps (logs, histograms). Set it before the first Admit.
+	Observer Observer
 
 	nextID atomic.Uint64
 
 	mu      sync.Mutex
 	records map[uint64]*Record
 	scopes  map[string]*scope
-	empty   chan struct{} // closed while no record is live; see WaitEmpty
+	empty   chan struct{} // closed while no record is live; see Empty
+
+	draining atomic.Bool
 
 	stateCounts     [len(stateNames)]atomic.Int64
 	total           atomic.Int64
+	sweeps          atomic.Int64
+	zombies         atomic.Int64
+	closedBytesUp   atomic.Int64
+	closedBytesDown atomic.Int64
 	closedByReason  sync.Map // CloseReason → *atomic.Int64
 	dialFailures    sync.Map // CloseReason → *atomic.Int64
 	proxyRejections sync.Map // ProxyRejectReason → *atomic.Int64
@@ -72,6 +94,9 @@ func NewTracker() *Tracker {
 // is full. The caller must call Remove exactly once for an admitted record,
 // in a defer.
 func (t *Tracker) Admit(scopeKey string, limits Limits, server string, client netip.AddrPort) (*Record, error) {
+	if t.draining.Load() {
+		return nil, ErrShuttingDown
+	}
 	now := time.Now()
 	r := &Record{Server: server, Client: client, Started: now, tracker: t}
 	r.lastActivity.Store(now.UnixNano())
@@ -151,8 +176,10 @@ func (t *Tracker) Remove(r *Record, reason CloseReason) {
 
 	t.stateCounts[StateClosing].Add(-1)
 	counter(&t.closedByReason, r.Reason()).Add(1)
-	if t.OnClose != nil {
-		t.OnClose(r)
+	t.closedBytesUp.Add(r.bytesUp.Load())
+	t.closedBytesDown.Add(r.bytesDown.Load())
+	if t.Observer != nil {
+		t.Observer.Closed(r)
 	}
 }
 
@@ -211,10 +238,18 @@ func (t *Tracker) ProxyRejections(reason ProxyRejectReason) int64 {
 }
 
 // countRefused counts a connection refused at admission (no record exists).
-func (t *Tracker) countRefused() { counter(&t.closedByReason, ReasonLimitExceeded).Add(1) }
+func (t *Tracker) countRefused(reason CloseReason) { counter(&t.closedByReason, reason).Add(1) }
 
-// CountDialFailure counts one failed dial attempt; it fits Dialer.OnFailure.
-func (t *Tracker) CountDialFailure(e *DialError) { counter(&t.dialFailures, e.Reason).Add(1) }
+// ReportDial counts a failed dial attempt by reason and tells the Observer
+// about every attempt; it fits Dialer.OnAttempt.
+func (t *Tracker) ReportDial(upstream string, took time.Duration, err error) {
+	if err != nil {
+		counter(&t.dialFailures, ClassifyDialError(err)).Add(1)
+	}
+	if t.Observer != nil {
+		t.Observer.Dialed(upstream, took, err)
+	}
+}
 
 func (t *Tracker) countProxyRejection(reason ProxyRejectReason) {
 	counter(&t.proxyRejections, reason).Add(1)
@@ -227,3 +262,185 @@ func counter[K comparable](m *sync.Map, key K) *atomic.Int64 {
 	c, _ := m.LoadOrStore(key, new(atomic.Int64))
 	return c.(*atomic.Int64)
 }
+
+// SweepResult says what one sweep did.
+type SweepResult struct {
+	// Checked is how many records the sweep looked at.
+	Checked int
+	// Expired is how many it closed for a limit no deadline caught.
+	Expired int
+	// Zombies is how many records it reaped whose sockets were both closed.
+	Zombies int
+	// Took is how long the sweep ran.
+	Took time.Duration
+}
+
+// Sweep is the safety net run periodically: it closes connections past a
+// limit that no deadline enforced (a connect phase that overran, an idle
+// or half-closed connection, one past its lifetime) and reaps zombies,
+// records whose sockets this hop has both closed but that were not removed.
+// A record must look like a zombie to two sweeps in a row to be reaped, so
+// one caught between closing its sockets and its removal is left alone.
+// Zombies are bugs: ZombiesReaped must stay 0.
+func (t *Tracker) Sweep(now time.Time) SweepResult {
+	start := time.Now()
+	t.mu.Lock()
+	records := make([]*Record, 0, len(t.records))
+	for _, r := range t.records {
+		records = append(records, r)
+	}
+	t.mu.Unlock()
+
+	res := SweepResult{Checked: len(records)}
+	for _, r := range records {
+		if r.clientShut.Load() && r.upstreamShut.Load() {
+			if r.suspect.Swap(true) {
+				res.Zombies++
+				t.zombies.Add(1)
+				t.Remove(r, ReasonNone)
+			}
+			continue
+		}
+		if reason, expired := r.overdue(now); expired {
+			res.Expired++
+			r.Close(reason)
+		}
+	}
+	res.Took = time.Since(start)
+	t.sweeps.Add(1)
+	if t.Observer != nil {
+		t.Observer.Swept(res)
+	}
+	return res
+}
+
+// overdue says whether the record is past a limit at now. A second of
+// slack leaves the deadlines, which are exact, to act first.
+func (r *Record) overdue(now time.Time) (CloseReason, bool) {
+	lim := r.deadlines.Load()
+	if lim == nil {
+		return ReasonNone, false
+	}
+	const slack = time.Second
+	switch s := r.State(); s {
+	case StateConnecting:
+		if !lim.connectBy.IsZero() && now.After(lim.connectBy.Add(slack)) {
+			return ReasonConnectTimeout, true
+		}
+	case StateEstablished, StateHalfClosed:
+		t := lim.timeouts
+		if t.MaxLifetime > 0 && now.After(r.Started.Add(t.MaxLifetime+slack)) {
+			return ReasonMaxLifetime, true
+		}
+		idle, reason := t.Idle, ReasonIdleTimeout
+		if s == StateHalfClosed {
+			idle, reason = t.HalfClose, ReasonHalfCloseTimeout
+		}
+		if idle > 0 && now.Sub(r.LastActivity()) > idle+slack {
+			return reason, true
+		}
+	}
+	return ReasonNone, false
+}
+
+// Drain stops admitting connections, waits until every live one has ended
+// or grace has passed, then closes the rest with reason shutdown and waits
+// (at most wait more) for their removal. It returns how many it closed.
+func (t *Tracker) Drain(grace, wait time.Duration) int {
+	t.draining.Store(true)
+	timer := time.NewTimer(grace)
+	defer timer.Stop()
+	select {
+	case <-t.Empty():
+		return 0
+	case <-timer.C:
+	}
+	left := t.Records()
+	for _, r := range left {
+		r.Close(ReasonShutdown)
+	}
+	timer.Reset(wait)
+	select {
+	case <-t.Empty():
+	case <-timer.C:
+	}
+	return len(left)
+}
+
+// Draining reports whether Drain has started.
+func (t *Tracker) Draining() bool { return t.draining.Load() }
+
+// Stats is a snapshot of the tracker's counts, for the admin API.
+type Stats struct {
+	// Active counts live connections by state.
+	Active map[State]int64 `json:"active"`
+	// ActiveTotal counts all live connections.
+	ActiveTotal int64 `json:"active_total"`
+	// ConnectionsTotal counts connections admitted since the process started.
+	ConnectionsTotal int64 `json:"connections_total"`
+	// Closed counts closed connections by close reason.
+	Closed map[CloseReason]int64 `json:"closed"`
+	// DialFailures counts failed dial attempts by reason.
+	DialFailures map[CloseReason]int64 `json:"dial_failures"`
+	// ProxyProtocolRejected counts refused PROXY headers by reason.
+	ProxyProtocolRejected map[ProxyRejectReason]int64 `json:"proxy_protocol_rejected"`
+	// BytesUp and BytesDown count bytes moved client → upstream and
+	// upstream → client, by closed and live connections.
+	BytesUp   int64 `json:"bytes_up"`
+	BytesDown int64 `json:"bytes_down"`
+	// Sweeps counts sweeps run.
+	Sweeps int64 `json:"sweeps"`
+	// ZombiesReaped counts records the sweep had to reap; it must stay 0.
+	ZombiesReaped int64 `json:"zombies_reaped"`
+	// Draining is true once shutdown has started.
+	Draining bool `json:"draining"`
+}
+
+// Stats returns the tracker's counts. Every known reason and state is
+// present, with zeros, so a reader never has to guess about a missing key.
+func (t *Tracker) Stats() Stats {
+	st := Stats{
+		Active:                make(map[State]int64, len(States)),
+		Closed:                make(map[CloseReason]int64, len(CloseReasons)),
+		DialFailures:          make(map[CloseReason]int64, 3),
+		ProxyProtocolRejected: make(map[ProxyRejectReason]int64, len(ProxyRejectReasons)),
+		ConnectionsTotal:      t.total.Load(),
+		Sweeps:                t.sweeps.Load(),
+		ZombiesReaped:         t.zombies.Load(),
+		Draining:              t.draining.Load(),
+	}
+	for _, s := range States {
+		n := t.CountInState(s)
+		st.Active[s] = n
+		st.ActiveTotal += n
+	}
+	for _, r := range CloseReasons {
+		st.Closed[r] = t.Closed(r)
+	}
+	for _, r := range []CloseReason{ReasonConnectTimeout, ReasonConnectRefused, ReasonConnectFailed} {
+		st.DialFailures[r] = t.DialFailures(r)
+	}
+	for _, r := range ProxyRejectReasons {
+		st.ProxyProtocolRejected[r] = t.ProxyRejections(r)
+	}
+	st.BytesUp, st.BytesDown = t.Bytes()
+	return st
+}
+
+// Bytes returns the bytes moved each way by closed and live connections.
+func (t *Tracker) Bytes() (up, down int64) {
+	up, down = t.closedBytesUp.Load(), t.closedBytesDown.Load()
+	t.mu.Lock()
+	for _, r := range t.records {
+		up += r.bytesUp.Load()
+		down += r.bytesDown.Load()
+	}
+	t.mu.Unlock()
+	return up, down
+}
+
+// Sweeps returns how many sweeps ran.
+func (t *Tracker) Sweeps() int64 { return t.sweeps.Load() }
+
+// ZombiesReaped returns how many zombie records sweeps reaped.
+func (t *Tracker) ZombiesReaped() int64 { return t.zombies.Load() }

@@ -1,5 +1,6 @@
 // Package modules holds the Caddy modules of caddy-layer4chain: the
-// layer4 handler `chain`. They translate JSON config and Caddy's lifecycle
+// layer4 handler `chain`, the app `layer4chain` and the admin API
+// `admin.api.layer4chain`. They translate JSON config and Caddy's lifecycle
 // into calls on the engine in package layer4chain.
 package modules
 
@@ -166,6 +167,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.check(); err != nil {
 		return err
 	}
+	// The app runs the sweeps, the metrics and the shutdown drain; load it
+	// (with defaults when the config has none) so they exist.
+	if _, err := ctx.App("layer4chain"); err != nil {
+		return fmt.Errorf("loading the layer4chain app: %w", err)
+	}
 
 	upstreams := make([]*layer4chain.Upstream, len(h.Upstreams))
 	for i, u := range h.Upstreams {
@@ -196,7 +202,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Dialer: &layer4chain.Dialer{
 			ConnectTimeout: orDefault(h.ConnectTimeout, defaultConnectTimeout),
 			KeepAlive:      layer4chain.DefaultKeepAlive,
-			OnFailure:      tracker.CountDialFailure,
+			OnAttempt:      tracker.ReportDial,
 		},
 		Timeouts: layer4chain.Timeouts{
 			Idle:        orDefault(h.IdleTimeout, defaultIdleTimeout),

@@ -21,16 +21,44 @@ var (
 func processTracker() *layer4chain.Tracker {
 	trackerOnce.Do(func() {
 		tracker = layer4chain.NewTracker()
-		tracker.OnClose = logClosed
+		tracker.Observer = observer{}
 	})
 	return tracker
 }
 
-// logClosed writes the access-log line of a closed connection. It asks for
-// Caddy's current logger each time, so the line follows the logging config
-// of the latest reload even for a connection an older config accepted.
-func logClosed(r *layer4chain.Record) {
-	ce := caddy.Log().Named("layer4chain").Check(zap.InfoLevel, "connection closed")
+// observer turns the tracker's events into logs and metrics. It asks for
+// Caddy's current logger each time, so lines follow the logging config of
+// the latest reload even for a connection an older config accepted.
+type observer struct{}
+
+func logger() *zap.Logger { return caddy.Log().Named("layer4chain") }
+
+// StateChanged writes a debug line per state change.
+func (observer) StateChanged(r *layer4chain.Record, from, to layer4chain.State) {
+	if ce := logger().Check(zap.DebugLevel, "state changed"); ce != nil {
+		ce.Write(zap.Uint64("id", r.ID), zap.String("from", from.String()), zap.String("to", to.String()))
+	}
+}
+
+// Dialed observes the dial duration.
+func (observer) Dialed(upstream string, took time.Duration, err error) {
+	metrics.dialDuration.Observe(took.Seconds())
+}
+
+// Swept observes the sweep duration and reports reaped zombies loudly: a
+// zombie is a bug.
+func (observer) Swept(res layer4chain.SweepResult) {
+	metrics.sweepDuration.Observe(res.Took.Seconds())
+	if res.Zombies > 0 {
+		logger().Error("sweep reaped zombie records", zap.Int("zombies", res.Zombies))
+	}
+}
+
+// Closed writes the access-log line of a closed connection and observes its
+// duration.
+func (observer) Closed(r *layer4chain.Record) {
+	metrics.connectionDuration.Observe(time.Since(r.Started).Seconds())
+	ce := logger().Check(zap.InfoLevel, "connection closed")
 	if ce == nil {
 		return
 	}

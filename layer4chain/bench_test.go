@@ -182,3 +182,13 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 		b.ReportMetric(proxied.stack-direct.stack, "stack-B/idle-conn")
 	}
 }
+
+func newEchoForBench(b *testing.B) string { return chaintest.NewEchoBackend(b).Addr }
+
+func dialForBench(b *testing.B, addr string) net.Conn {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return c
+}

@@ -117,8 +117,7 @@ func (p *pipe) fail(reason CloseReason, reset bool) {
 				}
 			}
 		}
-		p.r.clientShut.Store(true)
-		p.r.upstreamShut.Store(true)
+		p.r.markShut(shutClient | shutUpstream)
 		_ = p.client.Close()
 		_ = p.upstream.Close()
 	})

@@ -78,10 +78,10 @@ func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason 
 func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMeta) CloseReason {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	r.deadlines.Store(&recordLimits{connectBy: r.Started.Add(p.connectPhase())})
+	r.connectBy.Store(r.Started.Add(p.connectPhase()).UnixNano())
 	r.setInterrupt(func() {
 		cancel()
-		r.clientShut.Store(true)
+		r.markShut(shutClient)
 		_ = client.Close()
 	})
 	setKeepAlive(client, p.KeepAlive)
@@ -137,7 +137,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return ReasonConnectFailed
 	}
 	defer func() {
-		r.upstreamShut.Store(true)
+		r.markShut(shutUpstream)
 		_ = upConn.Close()
 	}()
 	up.Acquire()
@@ -148,8 +148,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.setSockets(client, upConn)
 	r.setInterrupt(func() {
 		cancel()
-		r.clientShut.Store(true)
-		r.upstreamShut.Store(true)
+		r.markShut(shutClient | shutUpstream)
 		_ = client.Close()
 		_ = upConn.Close()
 	})
@@ -174,7 +173,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		r.bytesUp.Add(int64(len(pending)))
 	}
 
-	r.deadlines.Store(&recordLimits{timeouts: p.Timeouts})
+	r.setLimits(p.Timeouts)
 	now := time.Now()
 	r.established.Store(now.UnixNano())
 	r.touch(now)

@@ -15,6 +15,16 @@ import (
 // a record behind. Other goroutines (admin API, sweep) only read it or ask it
 // to close.
 type Record struct {
+	// The fields a sweep reads come first and together, so a sweep over
+	// many records touches one cache line of each.
+	state        atomic.Uint32
+	shut         atomic.Uint32 // shutClient | shutUpstream | shutSuspect
+	lastActivity atomic.Int64  // unix nanoseconds of the last byte moved
+	connectBy    atomic.Int64  // unix nanoseconds; the connect phase's end
+	idle         atomic.Int64  // Timeouts.Idle once established
+	halfClose    atomic.Int64  // Timeouts.HalfClose once established
+	lifetimeEnd  atomic.Int64  // unix nanoseconds; 0 for no max lifetime
+
 	// ID identifies the record within this process.
 	ID uint64
 	// Server names the listener that accepted the connection.
@@ -27,15 +37,9 @@ type Record struct {
 	tracker *Tracker
 	scope   *scope
 
-	state        atomic.Uint32
-	clientShut   atomic.Bool // this hop closed the client socket
-	upstreamShut atomic.Bool // this hop closed the upstream socket
-	suspect      atomic.Bool // seen as a zombie by one sweep; reaped by the next
-	deadlines    atomic.Pointer[recordLimits]
-	established  atomic.Int64 // unix nanoseconds; 0 until established
-	lastActivity atomic.Int64 // unix nanoseconds of the last byte moved
-	bytesUp      atomic.Int64 // client → upstream
-	bytesDown    atomic.Int64 // upstream → client
+	established atomic.Int64 // unix nanoseconds; 0 until established
+	bytesUp     atomic.Int64 // client → upstream
+	bytesDown   atomic.Int64 // upstream → client
 
 	mu             sync.Mutex // guards the fields below, set while connecting
 	chainID        string
@@ -49,11 +53,24 @@ type Record struct {
 	sockets        [2]syscall.RawConn // client, upstream: for the kernel's view
 }
 
-// recordLimits are what the sweep enforces when no deadline did: the
-// connect phase's end and the established connection's timeouts.
-type recordLimits struct {
-	connectBy time.Time
-	timeouts  Timeouts
+// Bits of Record.shut.
+const (
+	shutClient   = 1 << iota // this hop closed the client socket
+	shutUpstream             // this hop closed the upstream socket
+	shutSuspect              // one sweep saw both closed; the next reaps it
+)
+
+// markShut records that this hop closed the given sockets.
+func (r *Record) markShut(bits uint32) { r.shut.Or(bits) }
+
+// setLimits records what the sweep enforces once the connection is
+// established, when no deadline did.
+func (r *Record) setLimits(t Timeouts) {
+	r.idle.Store(int64(t.Idle))
+	r.halfClose.Store(int64(t.HalfClose))
+	if t.MaxLifetime > 0 {
+		r.lifetimeEnd.Store(r.Started.Add(t.MaxLifetime).UnixNano())
+	}
 }
 
 // State returns the record's current state.

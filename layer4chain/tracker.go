@@ -293,15 +293,17 @@ func (t *Tracker) Sweep(now time.Time) SweepResult {
 
 	res := SweepResult{Checked: len(records)}
 	for _, r := range records {
-		if r.clientShut.Load() && r.upstreamShut.Load() {
-			if r.suspect.Swap(true) {
+		if shut := r.shut.Load(); shut&(shutClient|shutUpstream) == shutClient|shutUpstream {
+			if shut&shutSuspect != 0 {
 				res.Zombies++
 				t.zombies.Add(1)
 				t.Remove(r, ReasonNone)
+			} else {
+				r.markShut(shutSuspect)
 			}
 			continue
 		}
-		if reason, expired := r.overdue(now); expired {
+		if reason, expired := r.overdue(now.UnixNano()); expired {
 			res.Expired++
 			r.Close(reason)
 		}
@@ -314,29 +316,25 @@ func (t *Tracker) Sweep(now time.Time) SweepResult {
 	return res
 }
 
-// overdue says whether the record is past a limit at now. A second of
-// slack leaves the deadlines, which are exact, to act first.
-func (r *Record) overdue(now time.Time) (CloseReason, bool) {
-	lim := r.deadlines.Load()
-	if lim == nil {
-		return ReasonNone, false
-	}
-	const slack = time.Second
-	switch s := r.State(); s {
+// overdue says whether the record is past a limit at now (unix
+// nanoseconds). A second of slack leaves the deadlines, which are exact,
+// to act first.
+func (r *Record) overdue(now int64) (CloseReason, bool) {
+	const slack = int64(time.Second)
+	switch s := State(r.state.Load()); s {
 	case StateConnecting:
-		if !lim.connectBy.IsZero() && now.After(lim.connectBy.Add(slack)) {
+		if by := r.connectBy.Load(); by != 0 && now > by+slack {
 			return ReasonConnectTimeout, true
 		}
 	case StateEstablished, StateHalfClosed:
-		t := lim.timeouts
-		if t.MaxLifetime > 0 && now.After(r.Started.Add(t.MaxLifetime+slack)) {
+		if end := r.lifetimeEnd.Load(); end != 0 && now > end+slack {
 			return ReasonMaxLifetime, true
 		}
-		idle, reason := t.Idle, ReasonIdleTimeout
+		idle, reason := r.idle.Load(), ReasonIdleTimeout
 		if s == StateHalfClosed {
-			idle, reason = t.HalfClose, ReasonHalfCloseTimeout
+			idle, reason = r.halfClose.Load(), ReasonHalfCloseTimeout
 		}
-		if idle > 0 && now.Sub(r.LastActivity()) > idle+slack {
+		if idle > 0 && now-r.lastActivity.Load() > idle+slack {
 			return reason, true
 		}
 	}

@@ -34,6 +34,15 @@ func (s State) String() string {
 // MarshalText makes a State encode as its name in JSON.
 func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
+// UnmarshalText reads a State from its name.
+func (s *State) UnmarshalText(b []byte) error {
+	v, err := ParseState(string(b))
+	if err == nil {
+		*s = v
+	}
+	return err
+}
+
 // ParseState returns the State with the given name.
 func ParseState(name string) (State, error) {
 	for i, n := range stateNames {

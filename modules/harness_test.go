@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/metrics"
 	_ "github.com/mholt/caddy-l4"
 	"go.uber.org/goleak"
 
@@ -29,11 +30,23 @@ func TestMain(m *testing.M) {
 
 // caddyConfig wraps layer4 servers in a config with no admin endpoint, no
 // persisted config and logs discarded.
-func caddyConfig(servers map[string]any) []byte {
+func caddyConfig(servers map[string]any) []byte { return caddyConfigWith(servers, "", nil) }
+
+// caddyConfigWith is caddyConfig with an admin endpoint on adminAddr (none
+// if empty) and an apps.layer4chain config (none if nil).
+func caddyConfigWith(servers map[string]any, adminAddr string, app map[string]any) []byte {
+	admin := map[string]any{"disabled": true, "config": map[string]any{"persist": false}}
+	if adminAddr != "" {
+		admin = map[string]any{"listen": adminAddr, "config": map[string]any{"persist": false}}
+	}
+	apps := map[string]any{"layer4": map[string]any{"servers": servers}}
+	if app != nil {
+		apps["layer4chain"] = app
+	}
 	cfg := map[string]any{
-		"admin":   map[string]any{"disabled": true, "config": map[string]any{"persist": false}},
+		"admin":   admin,
 		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"writer": map[string]any{"output": "discard"}}}},
-		"apps":    map[string]any{"layer4": map[string]any{"servers": servers}},
+		"apps":    apps,
 	}
 	b, err := json.Marshal(cfg)
 	if err != nil {

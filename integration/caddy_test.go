@@ -48,7 +48,26 @@ func caddyBinary(t *testing.T) string {
 // test ends.
 type process struct {
 	cmd    *exec.Cmd
-	output *bytes.Buffer
+	output *syncBuffer
+	exited chan struct{}
+}
+
+// syncBuffer is a bytes.Buffer the process writes while the test reads.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // startCaddy runs `caddy run` with args and waits until every address in
@@ -59,7 +78,7 @@ func startCaddy(t *testing.T, ready []string, args ...string) *process {
 	cmd := exec.CommandContext(ctx, caddyBinary(t), append([]string{"run"}, args...)...)
 	cmd.Dir = ".."
 	cmd.Env = append(os.Environ(), "HOME="+t.TempDir(), "XDG_CONFIG_HOME="+t.TempDir(), "XDG_DATA_HOME="+t.TempDir())
-	out := new(bytes.Buffer)
+	out := new(syncBuffer)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		cancel()
@@ -83,12 +102,12 @@ func startCaddy(t *testing.T, ready []string, args ...string) *process {
 	for _, addr := range ready {
 		waitListening(t, addr, exited, out)
 	}
-	return &process{cmd: cmd, output: out}
+	return &process{cmd: cmd, output: out, exited: exited}
 }
 
 // waitListening waits until addr accepts a connection, failing early if the
 // process exits.
-func waitListening(t *testing.T, addr string, exited <-chan struct{}, out *bytes.Buffer) {
+func waitListening(t *testing.T, addr string, exited <-chan struct{}, out *syncBuffer) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {

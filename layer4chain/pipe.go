@@ -279,13 +279,18 @@ func (d *direction) finish() {
 		d.p.fail(d.closed, false)
 		return
 	}
+	// Count before passing the EOF on: once the peer sees it, it may end
+	// the other direction at once, and that one must not count as first.
+	first := d.p.finished.Add(1) == 1
+	if first {
+		d.p.firstClosed = d.closed
+		d.p.r.setState(StateHalfClosed)
+	}
 	if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
 		d.p.fail(d.dstReset, true)
 		return
 	}
-	if d.p.finished.Add(1) == 1 {
-		d.p.firstClosed = d.closed
-		d.p.r.setState(StateHalfClosed)
+	if first {
 		_ = d.dst.SetReadDeadline(time.Now())
 	}
 }

@@ -343,3 +343,78 @@ func TestBackendResetEndsClientPromptly(t *testing.T) {
 	}
 	waitClosedCount(t, layer4chain.ReasonUpstreamReset, before+1)
 }
+
+func TestClientResetEndsUpstreamPromptly(t *testing.T) {
+	checkLeaks(t)
+	ended := make(chan time.Time, 1)
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		_, _ = io.Copy(io.Discard, struct{ io.Reader }{c})
+		ended <- time.Now()
+	})
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr)})})
+	before := closedCount(layer4chain.ReasonClientReset)
+
+	c := chaintest.Dial(t, addr)
+	if _, err := io.WriteString(c, "some bytes"); err != nil {
+		t.Fatal(err)
+	}
+	waitEstablished(t, 1)
+	_ = c.SetLinger(0)
+	reset := time.Now()
+	c.Close()
+	select {
+	case at := <-ended:
+		if d := at.Sub(reset); d > 500*time.Millisecond {
+			t.Fatalf("upstream ended %v after the client's reset", d)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("upstream still open 3s after the client's reset")
+	}
+	waitClosedCount(t, layer4chain.ReasonClientReset, before+1)
+}
+
+// waitEstablished waits until n connections are established.
+func waitEstablished(t *testing.T, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for processTracker().CountInState(layer4chain.StateEstablished) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("established connections: %d, want %d", processTracker().CountInState(layer4chain.StateEstablished), n)
+		}
+		<-time.After(5 * time.Millisecond) // the tracker has no per-state event
+	}
+}
+
+func TestHandlerAndAppConnectionLimits(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		handler map[string]any
+		app     map[string]any
+	}{
+		{"handler max_connections", map[string]any{"max_connections": 2}, nil},
+		{"app max_connections", map[string]any{}, map[string]any{"max_connections": 2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkLeaks(t)
+			backend := chaintest.NewEchoBackend(t)
+			addr := chaintest.FreeAddr(t)
+			tc.handler["upstreams"] = upstreams(backend.Addr)
+			startCaddyWithAdmin(t, map[string]any{"hop": server(addr, tc.handler)}, tc.app)
+			before := closedCount(layer4chain.ReasonLimitExceeded)
+
+			a, b := chaintest.Dial(t, addr), chaintest.Dial(t, addr)
+			roundTrip(t, a, "first")
+			roundTrip(t, b, "second")
+			extra := chaintest.Dial(t, addr)
+			if got, _, _ := chaintest.ReadUntilClosed(extra, 3*time.Second); len(got) != 0 {
+				t.Fatalf("third connection got %q, want it closed", got)
+			}
+			waitClosedCount(t, layer4chain.ReasonLimitExceeded, before+1)
+			a.Close()
+			b.Close()
+			waitEmpty(t)
+			roundTrip(t, chaintest.Dial(t, addr), "room again")
+		})
+	}
+}

@@ -18,7 +18,8 @@ type Record struct {
 	// The fields a sweep reads come first and together, so a sweep over
 	// many records touches one cache line of each.
 	state        atomic.Uint32
-	shut         atomic.Uint32 // shutClient | shutUpstream | shutSuspect
+	shut         atomic.Uint32 // shutClient | shutUpstream
+	shutAt       atomic.Int64  // unix nanoseconds when both sockets were closed
 	lastActivity atomic.Int64  // unix nanoseconds of the last byte moved
 	connectBy    atomic.Int64  // unix nanoseconds; the connect phase's end
 	idle         atomic.Int64  // Timeouts.Idle once established
@@ -57,11 +58,16 @@ type Record struct {
 const (
 	shutClient   = 1 << iota // this hop closed the client socket
 	shutUpstream             // this hop closed the upstream socket
-	shutSuspect              // one sweep saw both closed; the next reaps it
 )
 
-// markShut records that this hop closed the given sockets.
-func (r *Record) markShut(bits uint32) { r.shut.Or(bits) }
+// markShut records that this hop closed the given sockets, and when both
+// were closed: from then on the owner has only to return and remove the
+// record, which a sweep checks.
+func (r *Record) markShut(bits uint32) {
+	if old := r.shut.Or(bits); old|bits == shutClient|shutUpstream && old != shutClient|shutUpstream {
+		r.shutAt.Store(time.Now().UnixNano())
+	}
+}
 
 // setLimits records what the sweep enforces once the connection is
 // established, when no deadline did.

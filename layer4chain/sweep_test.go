@@ -58,15 +58,19 @@ func TestSweepEnforcesHalfCloseLifetimeAndConnectLimits(t *testing.T) {
 	}
 }
 
-func TestSweepReapsAZombieOnlyOnTheSecondLook(t *testing.T) {
+func TestSweepReapsAZombieOnlyAfterItsOwnerHadTimeToRemoveIt(t *testing.T) {
 	tr := NewTracker()
 	r := establishedRecord(t, tr, Timeouts{})
-	r.markShut(shutClient | shutUpstream)
-	if res := tr.Sweep(time.Now()); res.Zombies != 0 || tr.Len() != 1 {
-		t.Fatalf("first sweep reaped a record that may be closing right now: %+v", res)
+	r.markShut(shutClient)
+	if res := tr.Sweep(time.Now().Add(time.Hour)); res.Zombies != 0 {
+		t.Fatalf("a record with one socket open was reaped: %+v", res)
 	}
-	if res := tr.Sweep(time.Now()); res.Zombies != 1 || tr.Len() != 0 || tr.ZombiesReaped() != 1 {
-		t.Fatalf("second sweep: %+v, %d records left", res, tr.Len())
+	r.markShut(shutUpstream)
+	if res := tr.Sweep(time.Now()); res.Zombies != 0 || tr.Len() != 1 {
+		t.Fatalf("a record that may be closing right now was reaped: %+v", res)
+	}
+	if res := tr.Sweep(time.Now().Add(ZombieAfter + time.Second)); res.Zombies != 1 || tr.Len() != 0 || tr.ZombiesReaped() != 1 {
+		t.Fatalf("sweep after ZombieAfter: %+v, %d records left", res, tr.Len())
 	}
 }
 

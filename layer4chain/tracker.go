@@ -169,15 +169,17 @@ func (t *Tracker) Remove(r *Record, reason CloseReason) {
 	if s.total == 0 {
 		delete(t.scopes, s.key)
 	}
+	// Counts move with the removal, before anyone waiting on Empty wakes,
+	// so that what they read afterwards is final.
+	t.stateCounts[StateClosing].Add(-1)
+	counter(&t.closedByReason, r.Reason()).Add(1)
+	t.closedBytesUp.Add(r.bytesUp.Load())
+	t.closedBytesDown.Add(r.bytesDown.Load())
 	if len(t.records) == 0 {
 		close(t.empty)
 	}
 	t.mu.Unlock()
 
-	t.stateCounts[StateClosing].Add(-1)
-	counter(&t.closedByReason, r.Reason()).Add(1)
-	t.closedBytesUp.Add(r.bytesUp.Load())
-	t.closedBytesDown.Add(r.bytesDown.Load())
 	if t.Observer != nil {
 		t.Observer.Closed(r)
 	}
@@ -275,13 +277,17 @@ type SweepResult struct {
 	Took time.Duration
 }
 
+// ZombieAfter is how long a record may stay after this hop closed both its
+// sockets before a sweep takes it for a zombie. Its owner only has to
+// return and remove it, which takes microseconds; the margin keeps a busy
+// machine's scheduling delays from looking like a leak.
+const ZombieAfter = 10 * time.Second
+
 // Sweep is the safety net run periodically: it closes connections past a
 // limit that no deadline enforced (a connect phase that overran, an idle
 // or half-closed connection, one past its lifetime) and reaps zombies,
-// records whose sockets this hop has both closed but that were not removed.
-// A record must look like a zombie to two sweeps in a row to be reaped, so
-// one caught between closing its sockets and its removal is left alone.
-// Zombies are bugs: ZombiesReaped must stay 0.
+// records whose sockets this hop closed more than ZombieAfter ago but that
+// were never removed. Zombies are bugs: ZombiesReaped must stay 0.
 func (t *Tracker) Sweep(now time.Time) SweepResult {
 	start := time.Now()
 	t.mu.Lock()
@@ -292,18 +298,17 @@ func (t *Tracker) Sweep(now time.Time) SweepResult {
 	t.mu.Unlock()
 
 	res := SweepResult{Checked: len(records)}
+	nowNs := now.UnixNano()
 	for _, r := range records {
-		if shut := r.shut.Load(); shut&(shutClient|shutUpstream) == shutClient|shutUpstream {
-			if shut&shutSuspect != 0 {
+		if at := r.shutAt.Load(); at != 0 {
+			if nowNs-at > int64(ZombieAfter) {
 				res.Zombies++
 				t.zombies.Add(1)
 				t.Remove(r, ReasonNone)
-			} else {
-				r.markShut(shutSuspect)
 			}
 			continue
 		}
-		if reason, expired := r.overdue(now.UnixNano()); expired {
+		if reason, expired := r.overdue(nowNs); expired {
 			res.Expired++
 			r.Close(reason)
 		}

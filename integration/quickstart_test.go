@@ -11,11 +11,21 @@ import (
 )
 
 // TestQuickstartShowsOriginalClientThroughTwoHops runs the README's
-// quickstart as a user would and sends requests through the chain from two
-// loopback source addresses.
+// quickstart, in its Caddyfile and its JSON form, as a user would and sends
+// requests through the chain from two loopback source addresses.
 func TestQuickstartShowsOriginalClientThroughTwoHops(t *testing.T) {
-	startCaddy(t, []string{"127.0.0.1:8001", "127.0.0.1:8003"}, "--config", "examples/quickstart.json")
+	for _, config := range []string{"examples/quickstart.caddyfile", "examples/quickstart.json"} {
+		t.Run(config, func(t *testing.T) {
+			startCaddy(t, []string{"127.0.0.1:8001", "127.0.0.1:8003"}, "--config", config)
+			assertOriginalClient(t, "127.0.0.1:8001")
+		})
+	}
+}
 
+// assertOriginalClient sends HTTP requests to addr from two loopback source
+// addresses and checks the backend names each client's own address.
+func assertOriginalClient(t *testing.T, addr string) {
+	t.Helper()
 	for _, source := range []string{"127.0.0.1", "127.0.0.5"} {
 		var local net.Addr
 		dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(source)}}
@@ -29,7 +39,7 @@ func TestQuickstartShowsOriginalClientThroughTwoHops(t *testing.T) {
 				return c, err
 			},
 		}}
-		resp, err := client.Get("http://127.0.0.1:8001/")
+		resp, err := client.Get("http://" + addr + "/")
 		if err != nil {
 			t.Fatalf("GET through the chain from %s: %v", source, err)
 		}

@@ -22,7 +22,7 @@ var (
 
 // caddyBinary builds ./cmd/caddy once per test run, as `go build` would for
 // a user, and returns its path.
-func caddyBinary(t *testing.T) string {
+func caddyBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "layer4chain-caddy")
@@ -74,10 +74,17 @@ func (b *syncBuffer) String() string {
 // ready accepts connections.
 func startCaddy(t *testing.T, ready []string, args ...string) *process {
 	t.Helper()
+	return startCaddyEnv(t, nil, ready, args...)
+}
+
+// startCaddyEnv is startCaddy with extra environment variables.
+func startCaddyEnv(t testing.TB, env []string, ready []string, args ...string) *process {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := exec.CommandContext(ctx, caddyBinary(t), append([]string{"run"}, args...)...)
 	cmd.Dir = ".."
 	cmd.Env = append(os.Environ(), "HOME="+t.TempDir(), "XDG_CONFIG_HOME="+t.TempDir(), "XDG_DATA_HOME="+t.TempDir())
+	cmd.Env = append(cmd.Env, env...)
 	out := new(syncBuffer)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -107,7 +114,7 @@ func startCaddy(t *testing.T, ready []string, args ...string) *process {
 
 // waitListening waits until addr accepts a connection, failing early if the
 // process exits.
-func waitListening(t *testing.T, addr string, exited <-chan struct{}, out *syncBuffer) {
+func waitListening(t testing.TB, addr string, exited <-chan struct{}, out *syncBuffer) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for {

@@ -17,8 +17,9 @@ import (
 // behind NAT are noticed well before typical idle timeouts.
 const (
 	defaultConnectTimeout = 5 * time.Second
-	// DefaultKeepAlive is the TCP keepalive period of both sockets of a
-	// proxied connection.
+	// DefaultKeepAlive is the TCP keepalive period of the upstream socket.
+	// (Client sockets accepted by Caddy's listeners get the same period
+	// from Go's listener default.)
 	DefaultKeepAlive = 15 * time.Second
 )
 

@@ -39,9 +39,6 @@ type Proxy struct {
 	Dialer *Dialer
 	// Timeouts limit established connections.
 	Timeouts Timeouts
-	// KeepAlive is the TCP keepalive period set on the client socket;
-	// negative disables it.
-	KeepAlive time.Duration
 	// Logger receives debug lines about connections; nil logs nothing.
 	Logger *zap.Logger
 }
@@ -84,7 +81,6 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		r.markShut(shutClient)
 		_ = client.Close()
 	})
-	setKeepAlive(client, p.KeepAlive)
 
 	peer := r.Client
 	origClient, dest := peer, addrPortOf(client.LocalAddr())
@@ -222,17 +218,6 @@ func (c *prefixedConn) Read(b []byte) (int, error) {
 		return n, nil
 	}
 	return c.Conn.Read(b)
-}
-
-func setKeepAlive(c net.Conn, period time.Duration) {
-	tc, ok := c.(*net.TCPConn)
-	if !ok || period < 0 {
-		return
-	}
-	if period == 0 {
-		period = DefaultKeepAlive
-	}
-	_ = tc.SetKeepAliveConfig(net.KeepAliveConfig{Enable: true, Idle: period, Interval: period, Count: 3})
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {

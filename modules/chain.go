@@ -209,8 +209,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			HalfClose:   orDefault(h.HalfCloseTimeout, defaultHalfCloseTimeout),
 			MaxLifetime: time.Duration(h.MaxLifetime),
 		},
-		KeepAlive: layer4chain.DefaultKeepAlive,
-		Logger:    h.logger,
+		Logger: h.logger,
 	}
 	switch h.ProxyProtocol {
 	case "v1":

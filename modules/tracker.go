@@ -2,6 +2,7 @@ package modules
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -31,7 +32,20 @@ func processTracker() *layer4chain.Tracker {
 // the latest reload even for a connection an older config accepted.
 type observer struct{}
 
-func logger() *zap.Logger { return caddy.Log().Named("layer4chain") }
+// namedLogger caches caddy.Log().Named("layer4chain"): naming a logger
+// allocates, and this runs several times per connection. The cache follows
+// caddy.Log(), which a config load replaces.
+var namedLogger atomic.Pointer[struct{ base, named *zap.Logger }]
+
+func logger() *zap.Logger {
+	base := caddy.Log()
+	if c := namedLogger.Load(); c != nil && c.base == base {
+		return c.named
+	}
+	named := base.Named("layer4chain")
+	namedLogger.Store(&struct{ base, named *zap.Logger }{base, named})
+	return named
+}
 
 // StateChanged writes a debug line per state change.
 func (observer) StateChanged(r *layer4chain.Record, from, to layer4chain.State) {

@@ -104,6 +104,11 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 				origClient, dest = info.Source, info.Destination
 			}
 			chainID, hops, authority = info.ChainID, info.Hops, info.Authority
+			if hops == 0 {
+				// A v1 header (or a v2 one from another proxy) carries no
+				// hop count, but there was at least the hop that sent it.
+				hops = 1
+			}
 		}
 	}
 	if maxHops := p.maxHops(); hops >= maxHops {

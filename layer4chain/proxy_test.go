@@ -187,3 +187,21 @@ func TestUpstreamHalfCloseReachesClientAndClientKeepsSending(t *testing.T) {
 		t.Fatalf("reason %s, want upstream_closed (it ended first)", r)
 	}
 }
+
+func TestAHopBehindAV1HeaderCountsItselfSecond(t *testing.T) {
+	backend := chaintest.NewEchoBackend(t)
+	h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr),
+		Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}}, nil)
+	c := chaintest.Dial(t, h.Addr)
+	hdr, err := ProxyHeader{Version: 1, Source: netip.MustParseAddrPort("127.0.0.9:1234"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:80")}.AppendTo(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write(append(hdr, "x"...))
+	io.ReadFull(c, make([]byte, 1))
+	info := h.Tracker.Records()[0].Info()
+	if info.Hop != 2 || info.OriginalClient != "127.0.0.9:1234" {
+		t.Fatalf("record behind a v1 header: hop %d, original client %s", info.Hop, info.OriginalClient)
+	}
+}

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
 
 // proxyUnderTest is a Caddy process running one layer4 proxy handler on
@@ -24,7 +26,7 @@ type proxyUnderTest struct {
 // startProxyProcess runs Caddy with GOMAXPROCS=1 and one layer4 server
 // whose handler is handlerJSON (with the upstream address filled in).
 func startProxyProcess(b *testing.B, name, handlerJSON, upstream string) proxyUnderTest {
-	addr, adminAddr := freeAddrB(b), freeAddrB(b)
+	addr, adminAddr := chaintest.FreeAddr(b), chaintest.FreeAddr(b)
 	cfg := fmt.Sprintf(`{"admin": {"listen": %q},
 		"logging": {"logs": {"default": {"level": "ERROR"}}},
 		"apps": {"layer4": {"servers": {"s": {"listen": [%q],
@@ -37,39 +39,12 @@ func startProxyProcess(b *testing.B, name, handlerJSON, upstream string) proxyUn
 	return proxyUnderTest{name: name, addr: addr, pid: p.cmd.Process.Pid}
 }
 
-func freeAddrB(b *testing.B) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
-// backend serves sink (discard, then close) or echo connections.
+// benchBackend is a discarding (sink) or echoing backend.
 func benchBackend(b *testing.B, echo bool) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
+	if echo {
+		return chaintest.NewEchoBackend(b).Addr
 	}
-	b.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				if echo {
-					io.Copy(c, c)
-				} else {
-					io.Copy(io.Discard, c)
-				}
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return chaintest.NewBackend(b, func(c *net.TCPConn) { io.Copy(io.Discard, struct{ io.Reader }{c}) }).Addr
 }
 
 func rssKiB(b *testing.B, pid int) int {

@@ -9,44 +9,15 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
-
-// echoServer is a loopback echo backend run by the test.
-func echoServer(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	return ln.Addr().String()
-}
-
-func freeAddr(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 // TestShutdownDrainsThenClosesWithReasonShutdown stops a real Caddy with
 // SIGTERM: the live connection keeps working through the grace period and
 // is closed when it ends, with reason shutdown in the access log.
 func TestShutdownDrainsThenClosesWithReasonShutdown(t *testing.T) {
-	hop, adminAddr := freeAddr(t), freeAddr(t)
+	hop, adminAddr := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
 	cfg := fmt.Sprintf(`{
 		"admin": {"listen": %q},
 		"apps": {
@@ -54,7 +25,7 @@ func TestShutdownDrainsThenClosesWithReasonShutdown(t *testing.T) {
 			"layer4": {"servers": {"hop": {"listen": [%q],
 				"routes": [{"handle": [{"handler": "chain", "upstreams": [{"dial": [%q]}]}]}]}}}
 		}
-	}`, adminAddr, hop, echoServer(t))
+	}`, adminAddr, hop, chaintest.NewEchoBackend(t).Addr)
 	path := filepath.Join(t.TempDir(), "caddy.json")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

@@ -82,54 +82,29 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		_ = client.Close()
 	})
 
-	peer := r.Client
-	origClient, dest := peer, addrPortOf(client.LocalAddr())
-	var chainID, authority string
-	var hops int
-	if p.Accept != nil {
-		pr := &prefixedConn{Conn: client, pending: pending}
-		info, rest, err := p.Accept.Accept(pr, peer.Addr())
-		if err != nil {
-			var rej *ProxyRejectError
-			if !errors.As(err, &rej) {
-				return ReasonClientClosed
-			}
-			p.Tracker.countProxyRejection(rej.Reason)
-			p.debug("proxy protocol header rejected", r, zap.String("reject_reason", string(rej.Reason)), zap.Error(err))
-			return ReasonProxyProtocolRejected
-		}
-		pending = append(rest, pr.pending...)
-		if info != nil {
-			if !info.Local && info.Source.IsValid() {
-				origClient, dest = info.Source, info.Destination
-			}
-			chainID, hops, authority = info.ChainID, info.Hops, info.Authority
-			if hops == 0 {
-				// A v1 header (or a v2 one from another proxy) carries no
-				// hop count, but there was at least the hop that sent it.
-				hops = 1
-			}
-		}
+	o, pending, reason := p.readOrigin(r, client, pending)
+	if reason != ReasonNone {
+		return reason
 	}
-	if maxHops := p.maxHops(); hops >= maxHops {
-		p.debug("loop detected", r, zap.Int("hops", hops), zap.Int("max_hops", maxHops))
+	if maxHops := p.maxHops(); o.hops >= maxHops {
+		p.debug("loop detected", r, zap.Int("hops", o.hops), zap.Int("max_hops", maxHops))
 		return ReasonLoopDetected
 	}
-	if chainID == "" {
-		chainID = newChainID()
+	if o.chainID == "" {
+		o.chainID = newChainID()
 	}
 	if meta.SNI != "" {
-		authority = meta.SNI
+		o.authority = meta.SNI
 	}
 	r.mu.Lock()
-	r.chainID, r.hop, r.originalClient = chainID, hops+1, origClient
+	r.chainID, r.hop, r.originalClient = o.chainID, o.hops+1, o.client
 	r.mu.Unlock()
-	if err := p.Tracker.admitClient(r, p.Limits.MaxConnectionsPerClient, origClient.Addr()); err != nil {
+	if err := p.Tracker.admitClient(r, p.Limits.MaxConnectionsPerClient, o.client.Addr()); err != nil {
 		return ReasonLimitExceeded
 	}
 
 	var orderBuf [8]*Upstream
-	upConn, up, err := p.Dialer.Dial(ctx, p.Balancer.Order(orderBuf[:0], origClient.Addr()))
+	upConn, up, err := p.Dialer.Dial(ctx, p.Balancer.Order(orderBuf[:0], o.client.Addr()))
 	if err != nil {
 		var de *DialError
 		if errors.As(err, &de) {
@@ -154,24 +129,8 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		_ = upConn.Close()
 	})
 
-	first := pending
-	if p.EmitVersion != 0 {
-		hdr := ProxyHeader{Version: p.EmitVersion, Source: origClient, Destination: dest,
-			ChainID: chainID, Hops: hops + 1, Authority: authority}
-		b, err := hdr.AppendTo(make([]byte, 0, 256+len(pending)))
-		if err != nil {
-			p.debug("encoding proxy protocol header", r, zap.Error(err))
-			return ReasonConnectFailed
-		}
-		first = append(b, pending...)
-	}
-	if len(first) > 0 {
-		_ = upConn.SetWriteDeadline(time.Now().Add(p.Dialer.connectTimeout()))
-		if _, err := upConn.Write(first); err != nil {
-			return ReasonUpstreamReset
-		}
-		_ = upConn.SetWriteDeadline(time.Time{})
-		r.bytesUp.Add(int64(len(pending)))
+	if reason := p.writeFirst(r, upConn, o, pending); reason != ReasonNone {
+		return reason
 	}
 
 	r.setLimits(p.Timeouts)
@@ -181,6 +140,76 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.setState(StateEstablished)
 	p.debug("established", r)
 	return runPipe(r, client, upConn, p.Timeouts)
+}
+
+// origin is what this hop knows about where a connection comes from.
+type origin struct {
+	client    netip.AddrPort // the original client
+	dest      netip.AddrPort // the address the original client connected to
+	chainID   string         // "" until one is made at the first hop
+	hops      int            // hops before this one
+	authority string         // the TLS server name, if known
+}
+
+// readOrigin reads the PROXY header, if this hop accepts them, and returns
+// the connection's origin and the bytes to forward first. Without a
+// trusted header the origin is the socket's own peer.
+func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (origin, []byte, CloseReason) {
+	o := origin{client: r.Client, dest: addrPortOf(client.LocalAddr())}
+	if p.Accept == nil {
+		return o, pending, ReasonNone
+	}
+	pr := &prefixedConn{Conn: client, pending: pending}
+	info, rest, err := p.Accept.Accept(pr, r.Client.Addr())
+	if err != nil {
+		var rej *ProxyRejectError
+		if !errors.As(err, &rej) {
+			return o, nil, ReasonClientClosed
+		}
+		p.Tracker.countProxyRejection(rej.Reason)
+		p.debug("proxy protocol header rejected", r, zap.String("reject_reason", string(rej.Reason)), zap.Error(err))
+		return o, nil, ReasonProxyProtocolRejected
+	}
+	pending = append(rest, pr.pending...)
+	if info == nil {
+		return o, pending, ReasonNone
+	}
+	if !info.Local && info.Source.IsValid() {
+		o.client, o.dest = info.Source, info.Destination
+	}
+	o.chainID, o.hops, o.authority = info.ChainID, info.Hops, info.Authority
+	if o.hops == 0 {
+		// A v1 header (or a v2 one from another proxy) carries no hop
+		// count, but there was at least the hop that sent it.
+		o.hops = 1
+	}
+	return o, pending, ReasonNone
+}
+
+// writeFirst sends the PROXY header (if this hop emits one) and the
+// pending bytes to the upstream, in one write.
+func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte) CloseReason {
+	first := pending
+	if p.EmitVersion != 0 {
+		hdr := ProxyHeader{Version: p.EmitVersion, Source: o.client, Destination: o.dest,
+			ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority}
+		b, err := hdr.AppendTo(make([]byte, 0, 256+len(pending)))
+		if err != nil {
+			p.debug("encoding proxy protocol header", r, zap.Error(err))
+			return ReasonConnectFailed
+		}
+		first = append(b, pending...)
+	}
+	if len(first) == 0 {
+		return ReasonNone
+	}
+	_ = upConn.SetWriteDeadline(time.Now().Add(p.Dialer.connectTimeout()))
+	if _, err := upConn.Write(first); err != nil {
+		return ReasonUpstreamReset
+	}
+	_ = upConn.SetWriteDeadline(time.Time{})
+	r.bytesUp.Add(int64(len(pending)))
+	return ReasonNone
 }
 
 // connectPhase bounds how long a connection may stay connecting: the PROXY

@@ -144,8 +144,10 @@ type Selection struct {
 // AcceptProxyProtocol configures reading PROXY headers from previous hops.
 type AcceptProxyProtocol struct {
 	// Allow lists the peers (CIDRs or single IPs) whose PROXY headers are
-	// trusted. A peer outside it that sends no header is served as a direct
-	// client; one that sends a header is rejected.
+	// trusted; a trusted peer must send one. A peer outside the list that
+	// sends a header is rejected; one that sends anything else is served
+	// as a direct client (a client that waits for the server to speak
+	// first is served once Timeout has passed without a byte).
 	Allow []string `json:"allow,omitempty"`
 
 	// Timeout bounds how long a header may take to arrive whole.

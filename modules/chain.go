@@ -279,6 +279,9 @@ func (h *Handler) check() error {
 
 // Handle serves one connection until it ends.
 func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
+	if network := cx.LocalAddr().Network(); strings.HasPrefix(network, "udp") {
+		return fmt.Errorf("chain proxies stream connections only, not %s", network)
+	}
 	// Bytes that matchers already read sit in cx's buffer: read them out
 	// through cx (which empties the buffer), so that from here on the
 	// underlying connection alone carries the stream and can be used raw.

@@ -76,6 +76,29 @@ func (a *adminClient) getJSON(path string, v any) {
 	}
 }
 
+// load POSTs a config to /load. Each load replaces the admin server, and
+// both listen on the same address for a moment (SO_REUSEPORT): a request
+// that lands in the old listener's queue just as it closes sees its
+// connection dropped, so a dropped connection is retried once.
+func (a *adminClient) load(cfg []byte) {
+	a.t.Helper()
+	for attempt := 0; ; attempt++ {
+		resp, err := adminHTTP.Post(a.base+"/load", "application/json", strings.NewReader(string(cfg)))
+		if err != nil {
+			if attempt == 0 {
+				continue
+			}
+			a.t.Fatalf("POST /load: %v", err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			a.t.Fatalf("POST /load: %d %s", resp.StatusCode, body)
+		}
+		return
+	}
+}
+
 func (a *adminClient) connections(query string) []layer4chain.RecordInfo {
 	var list []layer4chain.RecordInfo
 	a.getJSON("/layer4chain/connections"+query, &list)
@@ -158,16 +181,7 @@ func TestReloadUnderLoadKeepsEveryConnection(t *testing.T) {
 		}()
 	}
 	for _, idle := range []string{"2h", "3h"} {
-		cfg := caddyConfigWith(servers(idle), strings.TrimPrefix(admin.base, "http://"), nil)
-		resp, err := adminHTTP.Post(admin.base+"/load", "application/json", strings.NewReader(string(cfg)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("POST /load: %d %s", resp.StatusCode, body)
-		}
+		admin.load(caddyConfigWith(servers(idle), strings.TrimPrefix(admin.base, "http://"), nil))
 	}
 	close(stop)
 	wg.Wait()

@@ -177,7 +177,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	upstreams := make([]*layer4chain.Upstream, len(h.Upstreams))
 	for i, u := range h.Upstreams {
-		upstreams[i] = layer4chain.NewUpstream(u.Dial[0])
+		upstreams[i] = sharedUpstream(u.Dial[0])
 	}
 	policy, tries := "", 0
 	if lb := h.LoadBalancing; lb != nil {

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
@@ -416,5 +418,33 @@ func TestHandlerAndAppConnectionLimits(t *testing.T) {
 			waitEmpty(t)
 			roundTrip(t, chaintest.Dial(t, addr), "room again")
 		})
+	}
+}
+
+func TestLeastConnCountsConnectionsOfTheConfigBeforeAReload(t *testing.T) {
+	checkLeaks(t)
+	a, b := chaintest.NewEchoBackend(t), chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	servers := func(idle string) map[string]any {
+		return map[string]any{"hop": server(addr, map[string]any{
+			"upstreams":      upstreams(a.Addr, b.Addr),
+			"load_balancing": map[string]any{"selection": map[string]any{"policy": "least_conn"}},
+			"idle_timeout":   idle,
+		})}
+	}
+	startCaddy(t, servers("1h"))
+	first := chaintest.Dial(t, addr)
+	roundTrip(t, first, "to a")
+	if err := caddy.Load(caddyConfig(servers("2h")), true); err != nil {
+		t.Fatal(err)
+	}
+	second := chaintest.Dial(t, addr)
+	roundTrip(t, second, "to b")
+	got := map[string]int{}
+	for _, r := range processTracker().Records() {
+		got[r.Info().Upstream]++
+	}
+	if got[a.Addr] != 1 || got[b.Addr] != 1 {
+		t.Fatalf("connections by upstream %v: the new config's least_conn did not see the old config's connection", got)
 	}
 }

@@ -91,3 +91,16 @@ func (observer) Closed(r *layer4chain.Record) {
 		zap.String("reason", string(info.Reason)),
 	)
 }
+
+// upstreamsByAddr holds one *layer4chain.Upstream per dial address for the whole
+// process, so the live-connection counts that least_conn balances on
+// include connections of handlers from older configs.
+var upstreamsByAddr sync.Map // string → *layer4chain.Upstream
+
+func sharedUpstream(addr string) *layer4chain.Upstream {
+	if u, ok := upstreamsByAddr.Load(addr); ok {
+		return u.(*layer4chain.Upstream)
+	}
+	u, _ := upstreamsByAddr.LoadOrStore(addr, layer4chain.NewUpstream(addr))
+	return u.(*layer4chain.Upstream)
+}

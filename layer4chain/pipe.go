@@ -281,18 +281,19 @@ func (d *direction) finish() {
 	}
 	// Count before passing the EOF on: once the peer sees it, it may end
 	// the other direction at once, and that one must not count as first.
-	first := d.p.finished.Add(1) == 1
-	if first {
-		d.p.firstClosed = d.closed
-		d.p.r.setState(StateHalfClosed)
+	if d.p.finished.Add(1) == 2 {
+		// Both directions are done and the owner closes both sockets next,
+		// which sends this FIN anyway (dst's input was read to EOF, so the
+		// close is clean): save the shutdown(2).
+		return
 	}
+	d.p.firstClosed = d.closed
+	d.p.r.setState(StateHalfClosed)
 	if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
 		d.p.fail(d.dstReset, true)
 		return
 	}
-	if first {
-		_ = d.dst.SetReadDeadline(time.Now())
-	}
+	_ = d.dst.SetReadDeadline(time.Now())
 }
 
 func (d *direction) readFailed(err error) {

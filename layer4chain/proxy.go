@@ -54,7 +54,9 @@ type ClientMeta struct {
 // Serve proxies one client connection until it ends and returns why it
 // ended. pending holds bytes already read from client (by matchers) that
 // must reach the upstream first. Serve owns the upstream socket; the client
-// socket stays the caller's, but Serve may close it to end the connection.
+// socket stays the caller's, who must close it when Serve returns (on a
+// graceful end that close delivers the client's final FIN), but Serve may
+// close it earlier to end the connection.
 func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason CloseReason) {
 	r, err := p.Tracker.Admit(p.Scope, p.Limits, meta.Server, addrPortOf(client.RemoteAddr()))
 	if err != nil {

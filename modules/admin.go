@@ -55,7 +55,9 @@ func (adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) error 
 	list := []layer4chain.RecordInfo{} // encodes as [] when empty
 	for _, rec := range processTracker().Records() {
 		if info := rec.Info(); match(info) {
-			list = append(list, info)
+			// The kernel's view costs a system call per socket: only for
+			// the records that are shown.
+			list = append(list, rec.InfoWithSockets())
 		}
 	}
 	return writeJSON(w, list)

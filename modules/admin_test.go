@@ -324,6 +324,11 @@ func TestStatsAndMetricsAgreeWithTheList(t *testing.T) {
 	if one.ClientSocket == nil || one.UpstreamSocket == nil {
 		t.Errorf("connection %d shows no TCP_INFO: %+v", one.ID, one)
 	}
+	for _, info := range list {
+		if info.ClientSocket == nil || info.UpstreamSocket == nil {
+			t.Errorf("listed connection %d shows no TCP_INFO", info.ID)
+		}
+	}
 }
 
 func TestAdminAPIAnswersBadRequestsWithJSONErrors(t *testing.T) {

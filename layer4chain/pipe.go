@@ -84,8 +84,9 @@ func runPipe(r *Record, client, upstream net.Conn, t Timeouts) CloseReason {
 		closed: ReasonClientClosed, srcReset: ReasonClientReset, dstReset: ReasonUpstreamReset}
 	p.down = direction{p: p, src: upstream, dst: client, other: &p.up, bytes: &r.bytesDown,
 		closed: ReasonUpstreamClosed, srcReset: ReasonUpstreamReset, dstReset: ReasonClientReset}
-	p.up.init()
-	p.down.init()
+	clientRaw, upstreamRaw := r.rawSockets()
+	p.up.init(clientRaw)
+	p.down.init(upstreamRaw)
 	p.up.armRead()
 	p.down.armRead()
 
@@ -158,12 +159,13 @@ func (p *pipe) expired(now time.Time) (CloseReason, bool) {
 	return ReasonNone, false
 }
 
-func (d *direction) init() {
-	if tc, ok := d.src.(*net.TCPConn); ok && rawReadSupported {
-		if raw, err := tc.SyscallConn(); err == nil {
-			d.raw = raw
-			d.readFn = d.readFd
-		}
+// init sets up readiness-first reads when src is a plain TCP socket (a
+// wrapper may buffer bytes that reading its fd would skip). raw is src's
+// RawConn as the record keeps it.
+func (d *direction) init(raw syscall.RawConn) {
+	if _, ok := d.src.(*net.TCPConn); ok && rawReadSupported && raw != nil {
+		d.raw = raw
+		d.readFn = d.readFd
 	}
 }
 

@@ -221,7 +221,15 @@ func (r *Record) InfoWithSockets() RecordInfo {
 	return info
 }
 
-// setSockets keeps the raw sockets for the kernel's view in Info.
+// rawSockets returns the RawConns kept by setSockets (nil where none).
+func (r *Record) rawSockets() (client, upstream syscall.RawConn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sockets[0], r.sockets[1]
+}
+
+// setSockets keeps the raw sockets, for the kernel's view in Info and for
+// the pipe's reads.
 func (r *Record) setSockets(client, upstream net.Conn) {
 	raw := func(c net.Conn) syscall.RawConn {
 		if sc, ok := c.(syscall.Conn); ok {

@@ -5,12 +5,11 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
 	"time"
-
-	"go.uber.org/zap"
 )
 
 // DefaultMaxHops is the hop count at which a connection is taken for a loop.
@@ -39,8 +38,6 @@ type Proxy struct {
 	Dialer *Dialer
 	// Timeouts limit established connections.
 	Timeouts Timeouts
-	// Logger receives debug lines about connections; nil logs nothing.
-	Logger *zap.Logger
 }
 
 // ClientMeta is what the server knows about a client beyond its socket.
@@ -89,7 +86,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return reason
 	}
 	if maxHops := p.maxHops(); o.hops >= maxHops {
-		p.debug("loop detected", r, zap.Int("hops", o.hops), zap.Int("max_hops", maxHops))
+		r.setDetail(fmt.Errorf("%d hops before this one, max_hops is %d", o.hops, maxHops))
 		return ReasonLoopDetected
 	}
 	if o.chainID == "" {
@@ -108,6 +105,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	var orderBuf [8]*Upstream
 	upConn, up, err := p.Dialer.Dial(ctx, p.Balancer.Order(orderBuf[:0], o.client.Addr()))
 	if err != nil {
+		r.setDetail(err)
 		var de *DialError
 		if errors.As(err, &de) {
 			return de.Reason
@@ -140,7 +138,6 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.established.Store(now.UnixNano())
 	r.touch(now)
 	r.setState(StateEstablished)
-	p.debug("established", r)
 	return runPipe(r, client, upConn, p.Timeouts)
 }
 
@@ -169,7 +166,7 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (origin, 
 			return o, nil, ReasonClientClosed
 		}
 		p.Tracker.countProxyRejection(rej.Reason)
-		p.debug("proxy protocol header rejected", r, zap.String("reject_reason", string(rej.Reason)), zap.Error(err))
+		r.setDetail(err)
 		return o, nil, ReasonProxyProtocolRejected
 	}
 	pending = append(rest, pr.pending...)
@@ -197,7 +194,7 @@ func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte)
 			ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority}
 		b, err := hdr.AppendTo(make([]byte, 0, 256+len(pending)))
 		if err != nil {
-			p.debug("encoding proxy protocol header", r, zap.Error(err))
+			r.setDetail(fmt.Errorf("encoding the PROXY header: %w", err))
 			return ReasonConnectFailed
 		}
 		first = append(b, pending...)
@@ -229,15 +226,6 @@ func (p *Proxy) maxHops() int {
 		return p.MaxHops
 	}
 	return DefaultMaxHops
-}
-
-func (p *Proxy) debug(msg string, r *Record, fields ...zap.Field) {
-	if p.Logger == nil {
-		return
-	}
-	if ce := p.Logger.Check(zap.DebugLevel, msg); ce != nil {
-		ce.Write(append(fields, zap.Uint64("id", r.ID), zap.String("client", r.Client.String()))...)
-	}
 }
 
 // prefixedConn reads pending bytes before the connection's own, so a PROXY

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -203,5 +204,46 @@ func TestAHopBehindAV1HeaderCountsItselfSecond(t *testing.T) {
 	info := h.Tracker.Records()[0].Info()
 	if info.Hop != 2 || info.OriginalClient != "127.0.0.9:1234" {
 		t.Fatalf("record behind a v1 header: hop %d, original client %s", info.Hop, info.OriginalClient)
+	}
+}
+
+// closedRecords is an Observer that keeps the final snapshot of each
+// removed record.
+type closedRecords struct{ infos chan RecordInfo }
+
+func (c closedRecords) StateChanged(*Record, State, State)  {}
+func (c closedRecords) Dialed(string, time.Duration, error) {}
+func (c closedRecords) Swept(SweepResult)                   {}
+func (c closedRecords) Closed(r *Record)                    { c.infos <- r.Info() }
+
+func TestCloseDetailSaysWhatTheReasonCannot(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		proxy  func(t *testing.T) *Proxy
+		send   string
+		reason CloseReason
+		detail string
+	}{
+		{"refused dial", func(t *testing.T) *Proxy {
+			return &Proxy{Balancer: balancerFor(t, chaintest.RefusedAddr(t))}
+		}, "x", ReasonConnectRefused, "connection refused"},
+		{"untrusted header", func(t *testing.T) *Proxy {
+			return &Proxy{Balancer: balancerFor(t, chaintest.RefusedAddr(t)),
+				Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}}
+		}, "PROXY TCP4 127.0.0.9 127.0.0.1 1 2\r\n", ReasonProxyProtocolRejected, "untrusted"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			closed := closedRecords{make(chan RecordInfo, 1)}
+			p := tc.proxy(t)
+			p.Tracker = NewTracker()
+			p.Tracker.Observer = closed
+			h := startHop(t, p, nil)
+			c := chaintest.Dial(t, h.Addr)
+			io.WriteString(c, tc.send)
+			info := <-closed.infos
+			if info.Reason != tc.reason || !strings.Contains(info.Detail, tc.detail) {
+				t.Fatalf("closed with %s (%q), want %s with a detail mentioning %q", info.Reason, info.Detail, tc.reason, tc.detail)
+			}
+		})
 	}
 }

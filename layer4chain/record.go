@@ -51,6 +51,7 @@ type Record struct {
 	reason         CloseReason
 	interrupt      func() // closes the record's sockets; set by the owner
 	closeRequested bool
+	detail         string             // why, in more words than the reason: an error
 	sockets        [2]syscall.RawConn // client, upstream: for the kernel's view
 }
 
@@ -176,6 +177,9 @@ type RecordInfo struct {
 	BytesUp        int64       `json:"bytes_up"`
 	BytesDown      int64       `json:"bytes_down"`
 	Reason         CloseReason `json:"close_reason,omitempty"`
+	// Detail says more than the reason where there is more to say: the
+	// dial error, or why a PROXY header was rejected.
+	Detail string `json:"close_detail,omitempty"`
 	// ClientSocket and UpstreamSocket are the kernel's view of each socket
 	// (TCP_INFO), where the platform provides it and the socket is open.
 	ClientSocket   *SocketInfo `json:"client_socket,omitempty"`
@@ -205,8 +209,18 @@ func (r *Record) Info() RecordInfo {
 	info.OriginalClient = r.originalClient.String()
 	info.Upstream = r.upstream
 	info.Reason = r.reason
+	info.Detail = r.detail
 	r.mu.Unlock()
 	return info
+}
+
+// setDetail records the error behind the close reason.
+func (r *Record) setDetail(err error) {
+	r.mu.Lock()
+	if r.detail == "" {
+		r.detail = err.Error()
+	}
+	r.mu.Unlock()
 }
 
 // InfoWithSockets is Info plus the kernel's view of each open socket, which

@@ -15,7 +15,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
-	"go.uber.org/zap"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 )
@@ -97,8 +96,7 @@ type Handler struct {
 	// Default: 0, no limit.
 	MaxConnectionsPerClient int `json:"max_connections_per_client,omitempty"`
 
-	proxy  *layer4chain.Proxy
-	logger *zap.Logger
+	proxy *layer4chain.Proxy
 }
 
 // Upstream is one address to proxy to.
@@ -165,7 +163,6 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision fills defaults and builds the engine's proxy.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	h.logger = ctx.Logger()
 	if err := h.check(); err != nil {
 		return err
 	}
@@ -211,7 +208,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			HalfClose:   orDefault(h.HalfCloseTimeout, defaultHalfCloseTimeout),
 			MaxLifetime: time.Duration(h.MaxLifetime),
 		},
-		Logger: h.logger,
 	}
 	switch h.ProxyProtocol {
 	case "v1":

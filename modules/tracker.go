@@ -77,7 +77,7 @@ func (observer) Closed(r *layer4chain.Record) {
 		return
 	}
 	info := r.Info()
-	ce.Write(
+	fields := []zap.Field{
 		zap.Uint64("id", info.ID),
 		zap.String("chain_id", info.ChainID),
 		zap.Int("hop", info.Hop),
@@ -89,7 +89,11 @@ func (observer) Closed(r *layer4chain.Record) {
 		zap.Int64("bytes_up", info.BytesUp),
 		zap.Int64("bytes_down", info.BytesDown),
 		zap.String("reason", string(info.Reason)),
-	)
+	}
+	if info.Detail != "" {
+		fields = append(fields, zap.String("detail", info.Detail))
+	}
+	ce.Write(fields...)
 }
 
 // upstreamsByAddr holds one *layer4chain.Upstream per dial address for the whole

@@ -206,7 +206,9 @@ func (r *Record) Info() RecordInfo {
 	r.mu.Lock()
 	info.ChainID = r.chainID
 	info.Hop = r.hop
-	info.OriginalClient = r.originalClient.String()
+	if r.originalClient.IsValid() { // unknown until a PROXY header was read
+		info.OriginalClient = r.originalClient.String()
+	}
 	info.Upstream = r.upstream
 	info.Reason = r.reason
 	info.Detail = r.detail

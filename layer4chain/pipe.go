@@ -58,7 +58,6 @@ type pipe struct {
 type direction struct {
 	p        *pipe
 	src, dst net.Conn
-	other    *direction
 	bytes    *atomic.Int64
 
 	closed   CloseReason // src sent EOF
@@ -80,9 +79,9 @@ type direction struct {
 // sockets on a graceful end; the caller owns them.
 func runPipe(r *Record, client, upstream net.Conn, t Timeouts) CloseReason {
 	p := &pipe{r: r, t: t, client: client, upstream: upstream}
-	p.up = direction{p: p, src: client, dst: upstream, other: &p.down, bytes: &r.bytesUp,
+	p.up = direction{p: p, src: client, dst: upstream, bytes: &r.bytesUp,
 		closed: ReasonClientClosed, srcReset: ReasonClientReset, dstReset: ReasonUpstreamReset}
-	p.down = direction{p: p, src: upstream, dst: client, other: &p.up, bytes: &r.bytesDown,
+	p.down = direction{p: p, src: upstream, dst: client, bytes: &r.bytesDown,
 		closed: ReasonUpstreamClosed, srcReset: ReasonUpstreamReset, dstReset: ReasonClientReset}
 	clientRaw, upstreamRaw := r.rawSockets()
 	p.up.init(clientRaw)
@@ -186,8 +185,9 @@ func (d *direction) armRead() {
 // armWrite keeps dst's write deadline a limit ahead of now, without a
 // deadline update per chunk: only when it has fallen an eighth behind.
 func (d *direction) armWrite(now time.Time) {
-	dl := d.p.deadline(d.p.r.State(), now)
-	lim, _ := d.p.limit(d.p.r.State())
+	s := d.p.r.State()
+	dl := d.p.deadline(s, now)
+	lim, _ := d.p.limit(s)
 	if dl.Equal(d.writeDeadline) || (!d.writeDeadline.IsZero() && !dl.IsZero() && dl.Sub(d.writeDeadline) < lim/8) {
 		return
 	}

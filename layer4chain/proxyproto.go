@@ -35,6 +35,13 @@ const (
 	v2Sig = "\r\n\r\n\x00\r\nQUIT\n"
 )
 
+// v2 version/command and family bytes that decodeHeader looks at itself.
+const (
+	v2CmdLocal  = 0x20
+	v2CmdProxy  = 0x21
+	v2FamUnspec = 0x00
+)
+
 const (
 	// v1MaxLen is the spec's worst-case v1 line length, CRLF included.
 	v1MaxLen = 107
@@ -66,8 +73,9 @@ type ProxyInfo struct {
 	Hops int
 	// Authority is PP2_TYPE_AUTHORITY (the SNI the client asked for), "" when absent.
 	Authority string
-	// Local is set for the LOCAL command or the UNKNOWN family: the header
-	// carries no client address, and the caller should use the socket's peer.
+	// Local is set for the LOCAL command, v1 UNKNOWN or v2 PROXY over
+	// UNSPEC: the header carries no client address, and the caller should
+	// use the socket's peer. TLVs are honoured all the same.
 	Local bool
 }
 
@@ -465,6 +473,16 @@ var decoderPool = sync.Pool{New: func() any {
 // decodeHeader decodes exactly one framed header with go-proxyproto and
 // turns it into a ProxyInfo.
 func decodeHeader(hdr []byte) (*ProxyInfo, error) {
+	if len(hdr) >= v2FixedLen && hdr[0] == v2Sig[0] && hdr[12] == v2CmdProxy && hdr[13] == v2FamUnspec {
+		// PROXY over UNSPEC is v2's "PROXY UNKNOWN": a sender that does not
+		// know the client. The spec lets a receiver accept it with the
+		// socket's addresses (HAProxy does) and v1 UNKNOWN is accepted, but
+		// go-proxyproto refuses it. Decoded as LOCAL, which carries the
+		// same meaning and keeps the TLVs; the byte is restored because hdr
+		// is the caller's.
+		hdr[12] = v2CmdLocal
+		defer func() { hdr[12] = v2CmdProxy }()
+	}
 	d := decoderPool.Get().(*headerDecoder)
 	d.src.Reset(hdr)
 	d.br.Reset(&d.src)

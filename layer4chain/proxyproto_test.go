@@ -211,7 +211,6 @@ func TestAcceptMalformed(t *testing.T) {
 		{"v2 bad version", v2Raw(0x31, 0x11, addr4)},
 		{"v2 bad command", v2Raw(0x23, 0x11, addr4)},
 		{"v2 bad family", v2Raw(0x21, 0x13, addr4)},
-		{"v2 PROXY with UNSPEC", v2Raw(0x21, 0x00, nil)},
 		{"v2 IPv4 length too short", v2Raw(0x21, 0x11, addr4[:8])},
 		{"v2 truncated TLV", v2Raw(0x21, 0x11, append(bytes.Clone(addr4), 0x05, 0x00))},
 		{"v2 TLV longer than header", v2Raw(0x21, 0x11, append(bytes.Clone(addr4), 0x05, 0x00, 0x09, 'a'))},
@@ -269,6 +268,12 @@ func TestAcceptForeignHeaders(t *testing.T) {
 			proxyproto.TLV{Type: TLVHops, Value: []byte{7}}),
 			&ProxyInfo{Source: netip.MustParseAddrPort("198.51.100.7:40000"), Destination: netip.MustParseAddrPort("203.0.113.9:443"), Hops: 7}},
 		{"v1 UNKNOWN with addresses", []byte("PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n"), &ProxyInfo{Local: true}},
+		// PROXY over UNSPEC is v2's "PROXY UNKNOWN": the sender does not
+		// know the client, and the spec lets the receiver use the socket's
+		// addresses, as HAProxy does. The chain's TLVs still count.
+		{"v2 PROXY with UNSPEC", v2Raw(0x21, 0x00, nil), &ProxyInfo{Local: true}},
+		{"v2 PROXY with UNSPEC and TLVs", v2Raw(0x21, 0x00, []byte{0x05, 0, 3, 'a', 'b', 'c', byte(TLVHops), 0, 1, 4}),
+			&ProxyInfo{Local: true, ChainID: "abc", Hops: 4}},
 		{"v1 TCP6 mapped", []byte("PROXY TCP6 ::ffff:1.2.3.4 2001:db8::1 1 2\r\n"),
 			&ProxyInfo{Source: netip.MustParseAddrPort("1.2.3.4:1"), Destination: netip.MustParseAddrPort("[2001:db8::1]:2")}},
 	}

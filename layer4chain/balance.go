@@ -13,7 +13,10 @@ import (
 // connection of a handler. It is always used through a pointer because the
 // connection count must be one counter for all of them.
 type Upstream struct {
-	// Addr is the "host:port" dialed over TCP.
+	// Addr is the "host:port" dialed over TCP, or "tcp4/host:port" or
+	// "tcp6/host:port" to dial over that IP family only (a host name then
+	// resolves to addresses of that family alone). It is also the
+	// upstream's name in logs, stats and metrics.
 	Addr string
 
 	// active counts connections currently established through this upstream;
@@ -22,10 +25,28 @@ type Upstream struct {
 }
 
 // NewUpstream returns an Upstream for addr with no active connections. The
-// address is not checked here; configuration validates it with
-// ValidateUpstreamAddr so that errors surface at provisioning, not per dial.
+// address ("host:port", "tcp4/host:port" or "tcp6/host:port") is not checked
+// here; configuration validates it with ValidateUpstreamAddr so that errors
+// surface at provisioning, not per dial.
 func NewUpstream(addr string) *Upstream {
 	return &Upstream{Addr: addr}
+}
+
+// network is the network Addr is dialed on: its "tcp4/" or "tcp6/" prefix,
+// else "tcp".
+func (u *Upstream) network() string {
+	if n, _, ok := strings.Cut(u.Addr, "/"); ok {
+		return n
+	}
+	return "tcp"
+}
+
+// hostPort is the "host:port" part of Addr.
+func (u *Upstream) hostPort() string {
+	if _, hp, ok := strings.Cut(u.Addr, "/"); ok {
+		return hp
+	}
+	return u.Addr
 }
 
 // Active reports the connections currently established through u. It is a

@@ -126,7 +126,7 @@ func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Up
 			continue
 		}
 		start := time.Now()
-		c, err := nd.DialContext(ctx, "tcp", u.Addr)
+		c, err := nd.DialContext(ctx, u.network(), u.hostPort())
 		if d.OnAttempt != nil {
 			d.OnAttempt(u.Addr, time.Since(start), err)
 		}
@@ -134,7 +134,8 @@ func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Up
 			if tc, ok := c.(*net.TCPConn); ok {
 				return tc, u, nil
 			}
-			// Unreachable for "tcp", but a wrong type must not crash the hop.
+			// Unreachable for TCP networks, but a wrong type must not crash
+			// the hop.
 			c.Close()
 			err = fmt.Errorf("dial returned %T, not *net.TCPConn", c)
 		}
@@ -196,10 +197,28 @@ func addrOf(u *Upstream) string {
 	return u.Addr
 }
 
-// ValidateUpstreamAddr checks a "host:port" for dialing: a host and a numeric
-// port 1..65535 are required. It runs at provisioning so a bad address fails
-// the config load instead of every connection; messages say what is wrong.
+// ValidateUpstreamAddr checks an Upstream.Addr for dialing: "host:port",
+// optionally after a "tcp/", "tcp4/" or "tcp6/" network; a host and a
+// numeric port 1..65535 are required. It runs at provisioning so a bad
+// address fails the config load instead of every connection; messages say
+// what is wrong.
 func ValidateUpstreamAddr(addr string) error {
+	if network, hostPort, ok := strings.Cut(addr, "/"); ok {
+		switch network {
+		case "tcp", "tcp4", "tcp6":
+		default:
+			return fmt.Errorf("upstream address %q is on network %q; chain proxies TCP: use host:port, tcp4/host:port or tcp6/host:port", addr, network)
+		}
+		if err := validateHostPort(hostPort); err != nil {
+			return fmt.Errorf("%w (in %q)", err, addr)
+		}
+		return nil
+	}
+	return validateHostPort(addr)
+}
+
+// validateHostPort checks the "host:port" part of an upstream address.
+func validateHostPort(addr string) error {
 	if addr == "" {
 		return errors.New("upstream address is empty; want host:port")
 	}

@@ -310,6 +310,13 @@ func TestValidateUpstreamAddrAcceptsHostPortAndExplainsRejections(t *testing.T) 
 		{"127.0.0.1:99999999999999999999", "outside 1..65535"},
 		{"bad host:80", "invalid host"},
 		{"::1:80", "not host:port"},
+		{"tcp/127.0.0.1:80", ""},
+		{"tcp4/localhost:80", ""},
+		{"tcp6/[::1]:80", ""},
+		{"udp/127.0.0.1:53", "chain proxies TCP"},
+		{"unix//run/backend.sock", "chain proxies TCP"},
+		{"tcp4/127.0.0.1", "not host:port"},
+		{"tcp6/tcp6/[::1]:80", "not host:port"},
 	}
 	for _, tt := range tests {
 		err := ValidateUpstreamAddr(tt.addr)
@@ -320,6 +327,40 @@ func TestValidateUpstreamAddrAcceptsHostPortAndExplainsRejections(t *testing.T) 
 			t.Errorf("ValidateUpstreamAddr(%q) = nil, want an error about %q", tt.addr, tt.wantErr)
 		case tt.wantErr != "" && !strings.Contains(err.Error(), tt.wantErr):
 			t.Errorf("ValidateUpstreamAddr(%q) = %v, want it to mention %q", tt.addr, err, tt.wantErr)
+		}
+	}
+}
+
+// TestDialHonoursTheUpstreamsIPFamily shows that "tcp4/" and "tcp6/" are
+// dialed on that family only: an operator who pins an upstream to IPv4
+// must not reach it, or fail, over IPv6.
+func TestDialHonoursTheUpstreamsIPFamily(t *testing.T) {
+	t.Parallel()
+	_, port, err := net.SplitHostPort(newAcceptingListener(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &Dialer{ConnectTimeout: time.Second}
+	for _, tt := range []struct {
+		addr    string
+		connect bool
+	}{
+		{"127.0.0.1:" + port, true},
+		{"tcp/127.0.0.1:" + port, true},
+		{"tcp4/127.0.0.1:" + port, true},
+		// An IPv4 address is not an address of the tcp6 network: Go
+		// refuses to dial it instead of mapping it.
+		{"tcp6/127.0.0.1:" + port, false},
+	} {
+		c, up, err := d.Dial(context.Background(), []*Upstream{NewUpstream(tt.addr)})
+		if tt.connect != (err == nil) {
+			t.Errorf("Dial(%s): connected %v (err %v), want connected %v", tt.addr, err == nil, err, tt.connect)
+		}
+		if err == nil {
+			if up.Addr != tt.addr {
+				t.Errorf("Dial(%s) reports upstream %q", tt.addr, up.Addr)
+			}
+			c.Close()
 		}
 	}
 }

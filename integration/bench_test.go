@@ -26,7 +26,7 @@ type proxyUnderTest struct {
 // startProxyProcess runs Caddy with GOMAXPROCS=1 and one layer4 server
 // whose handler is handlerJSON (with the upstream address filled in).
 func startProxyProcess(b *testing.B, name, handlerJSON, upstream string) proxyUnderTest {
-	addr, adminAddr := chaintest.FreeAddr(b), chaintest.FreeAddr(b)
+	addr, adminAddr := freeAddr(b), freeAddr(b)
 	cfg := fmt.Sprintf(`{"admin": {"listen": %q},
 		"logging": {"logs": {"default": {"level": "ERROR"}}},
 		"apps": {"layer4": {"servers": {"s": {"listen": [%q],

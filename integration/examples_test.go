@@ -24,11 +24,13 @@ import (
 // the connection under one chain ID, and the inner hop's remote_ip matcher
 // turns away anyone but the outer hop.
 func TestTwoProcessChain(t *testing.T) {
-	startCaddy(t, []string{"127.0.0.1:8003", "127.0.0.1:2020"}, "--config", "examples/inner.caddyfile")
-	startCaddy(t, []string{"127.0.0.1:8001", "127.0.0.1:2019"}, "--config", "examples/outer.caddyfile")
-	assertOriginalClient(t, "127.0.0.1:8001")
+	ex := copyExamples(t, "inner.caddyfile", "outer.caddyfile")
+	startCaddy(t, ex.addrs(t, "127.0.0.1:8002", "127.0.0.1:8003", "localhost:2020"), ex.args("inner.caddyfile")...)
+	startCaddy(t, ex.addrs(t, "127.0.0.1:8001", "localhost:2019"), ex.args("outer.caddyfile")...)
+	outerAddr := ex.addr(t, "127.0.0.1:8001")
+	assertOriginalClient(t, outerAddr)
 
-	c, err := net.Dial("tcp", "127.0.0.1:8001")
+	c, err := net.Dial("tcp", outerAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,14 +38,14 @@ func TestTwoProcessChain(t *testing.T) {
 	if got := httpExchange(t, c, bufio.NewReader(c)); got != "original client: "+c.LocalAddr().String() {
 		t.Fatalf("backend answered %q", got)
 	}
-	outer, inner := listConnections(t, "http://127.0.0.1:2019"), listConnections(t, "http://127.0.0.1:2020")
+	outer, inner := listConnections(t, "http://"+ex.addr(t, "localhost:2019")), listConnections(t, "http://"+ex.addr(t, "localhost:2020"))
 	if len(outer) != 1 || len(inner) != 1 || outer[0].ChainID != inner[0].ChainID || inner[0].Hop != 2 {
 		t.Fatalf("outer hop lists %+v, inner hop %+v: want one connection, one chain ID, hops 1 and 2", outer, inner)
 	}
 
 	// A client that is not the outer hop reaches no route on the inner hop.
 	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 2)}, Timeout: 2 * time.Second}
-	stranger, err := d.Dial("tcp", "127.0.0.1:8002")
+	stranger, err := d.Dial("tcp", ex.addr(t, "127.0.0.1:8002"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,12 +125,14 @@ func (p *prefixed) Read(b []byte) (int, error) {
 // each server name reaches its own backend, whose TLS handshake is end to
 // end, and the PROXY header's authority TLV carries the name.
 func TestSNIRoutingPassesTLSThroughWithTheServerName(t *testing.T) {
-	tlsBackend(t, "127.0.0.1:9443", "a.example")
-	tlsBackend(t, "127.0.0.1:9444", "b.example")
-	startCaddy(t, []string{"127.0.0.1:8443", "127.0.0.1:2019"}, "--config", "examples/sni.caddyfile")
+	ex := copyExamples(t, "sni.caddyfile")
+	tlsBackend(t, ex.addr(t, "127.0.0.1:9443"), "a.example")
+	tlsBackend(t, ex.addr(t, "127.0.0.1:9444"), "b.example")
+	startCaddy(t, ex.addrs(t, "127.0.0.1:8443", "localhost:2019"), ex.args("sni.caddyfile")...)
+	router := ex.addr(t, "127.0.0.1:8443")
 
 	for _, name := range []string{"a.example", "b.example"} {
-		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 3 * time.Second}, "tcp", "127.0.0.1:8443",
+		c, err := tls.DialWithDialer(&net.Dialer{Timeout: 3 * time.Second}, "tcp", router,
 			&tls.Config{ServerName: name, InsecureSkipVerify: true})
 		if err != nil {
 			t.Fatalf("TLS through the SNI router to %s: %v", name, err)

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -54,11 +53,11 @@ func httpExchange(t *testing.T, c net.Conn, r *bufio.Reader) string {
 	return strings.TrimSpace(string(body))
 }
 
-// reload POSTs the quickstart config to /load, forcing a reload although
+// reload POSTs the JSON config at path to /load, forcing a reload although
 // the config is unchanged.
-func reload(t *testing.T, base string) {
+func reload(t *testing.T, base, path string) {
 	t.Helper()
-	cfg, err := os.ReadFile(filepath.Join("..", "examples", "quickstart.json"))
+	cfg, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,10 +85,11 @@ func reload(t *testing.T, base string) {
 // the quickstart does: list the live connection at both hops under one chain
 // ID, reload the config, read the metrics, close the connection by id.
 func TestOperatorFollowsAConnectionThroughTheQuickstart(t *testing.T) {
-	startCaddy(t, []string{"127.0.0.1:8001", "127.0.0.1:8003", "127.0.0.1:2019"}, "--config", "examples/quickstart.json")
-	const base = "http://127.0.0.1:2019"
+	ex := copyExamples(t, "quickstart.json")
+	startCaddy(t, ex.addrs(t, "127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003", "localhost:2019"), ex.args("quickstart.json")...)
+	base, outer := "http://"+ex.addr(t, "localhost:2019"), ex.addr(t, "127.0.0.1:8001")
 
-	c, err := net.Dial("tcp", "127.0.0.1:8001")
+	c, err := net.Dial("tcp", outer)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -133,8 +133,8 @@ func TestOperatorFollowsAConnectionThroughTheQuickstart(t *testing.T) {
 	// connections across a reload is checked with a TCP backend in the
 	// modules tests: the quickstart's HTTP backend closes its idle
 	// keep-alive connections on its own reload.)
-	reload(t, base)
-	c2, err := net.Dial("tcp", "127.0.0.1:8001")
+	reload(t, base, ex.path("quickstart.json"))
+	c2, err := net.Dial("tcp", outer)
 	if err != nil {
 		t.Fatal(err)
 	}

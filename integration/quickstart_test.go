@@ -11,13 +11,15 @@ import (
 )
 
 // TestQuickstartShowsOriginalClientThroughTwoHops runs the README's
-// quickstart, in its Caddyfile and its JSON form, as a user would and sends
+// quickstart, in its Caddyfile and its JSON form, as a user would (on free
+// ports instead of the documented ones) and sends
 // requests through the chain from two loopback source addresses.
 func TestQuickstartShowsOriginalClientThroughTwoHops(t *testing.T) {
-	for _, config := range []string{"examples/quickstart.caddyfile", "examples/quickstart.json"} {
+	for _, config := range []string{"quickstart.caddyfile", "quickstart.json"} {
 		t.Run(config, func(t *testing.T) {
-			startCaddy(t, []string{"127.0.0.1:8001", "127.0.0.1:8003"}, "--config", config)
-			assertOriginalClient(t, "127.0.0.1:8001")
+			ex := copyExamples(t, config)
+			startCaddy(t, ex.addrs(t, "127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003", "localhost:2019"), ex.args(config)...)
+			assertOriginalClient(t, ex.addr(t, "127.0.0.1:8001"))
 		})
 	}
 }

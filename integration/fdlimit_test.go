@@ -1,0 +1,185 @@
+package integration
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// TestOverloadUnderALowFileLimitIsRefusedAndTheListenerLives runs Caddy
+// with 1024 file descriptors (`ulimit -n 1024`, as many systemd units and
+// shells have) and holds 1500 clients through one chain listener. Each
+// proxied connection takes two descriptors, so without a limit the process
+// runs out of them, and caddy-l4's accept loop returns on EMFILE and never
+// accepts on that listener again. The chain's default connection limit,
+// derived from RLIMIT_NOFILE, must refuse the overload at admission
+// instead: every client is either served or closed, each closed one is
+// counted as limit_exceeded, and once the load is gone the same listener
+// serves new clients.
+func TestOverloadUnderALowFileLimitIsRefusedAndTheListenerLives(t *testing.T) {
+	const clients, fileLimit = 1500, 1024
+	// This process holds the clients and the backend's side of each served
+	// one; Go raised its soft limit to the hard one at start.
+	var own syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &own); err != nil || own.Cur < 2*clients+200 {
+		t.Skipf("the test needs %d files, it may open %d (%v)", 2*clients+200, own.Cur, err)
+	}
+	backend := chaintest.NewEchoBackend(t)
+	hop, adminAddr := freeAddr(t), freeAddr(t)
+	path := writeConfig(t, fmt.Sprintf(`{"admin": {"listen": %q},
+		"apps": {"layer4": {"servers": {"hop": {"listen": [%q],
+			"routes": [{"handle": [{"handler": "chain", "upstreams": [{"dial": [%q]}]}]}]}}}}}`,
+		adminAddr, hop, backend.Addr))
+	// `ulimit -n` in POSIX sh sets the soft and the hard limit, so the Go
+	// runtime in Caddy cannot raise its soft limit back up at start.
+	p := startCaddyCommand(t, nil, []string{hop, adminAddr}, "sh", "-c", `ulimit -n `+strconv.Itoa(fileLimit)+` && exec "$0" "$@"`,
+		caddyBinary(t), "run", "--config", path)
+	if limits, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", p.cmd.Process.Pid)); err != nil ||
+		!strings.Contains(grepLines(string(limits), "Max open files"), fmt.Sprintf(" %d ", fileLimit)) {
+		t.Fatalf("caddy does not run under %d files (%v):\n%s", fileLimit, err, limits)
+	}
+	limit, found := connectionLimit(t, adminAddr)
+	if !found {
+		t.Error("no caddy_layer4chain_connection_limit metric")
+		limit = fileLimit / 2
+	} else if limit <= 0 || limit >= fileLimit/2 {
+		t.Errorf("caddy_layer4chain_connection_limit is %d under %d files; each connection takes two", limit, fileLimit)
+	}
+
+	// Hold the clients open, a few dialers at a time. A client is served
+	// (its byte comes back), refused (closed by the hop) or unanswered (the
+	// listener no longer accepts); the last must never happen, so stop
+	// early once it does.
+	var (
+		mu              sync.Mutex
+		held            []net.Conn
+		served, refused int
+		unanswered      atomic.Int64
+		next            atomic.Int64
+		wg              sync.WaitGroup
+		firstUnanswered error
+	)
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= clients && unanswered.Load() < 20 {
+				c, err := net.DialTimeout("tcp", hop, 2*time.Second)
+				if err == nil {
+					c.SetDeadline(time.Now().Add(2 * time.Second))
+					if _, err = c.Write([]byte{'x'}); err == nil {
+						_, err = io.ReadFull(c, make([]byte, 1))
+					}
+					c.SetDeadline(time.Time{})
+				}
+				mu.Lock()
+				switch {
+				case err == nil:
+					served++
+					held = append(held, c)
+				case isTimeout(err):
+					unanswered.Add(1)
+					if firstUnanswered == nil {
+						firstUnanswered = fmt.Errorf("after %d served and %d refused: %w", served, refused, err)
+					}
+					if c != nil {
+						c.Close()
+					}
+				default: // closed or reset by the hop
+					refused++
+					c.Close()
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("limit %d: %d clients served, %d refused, %d unanswered", limit, served, refused, unanswered.Load())
+	if n := unanswered.Load(); n > 0 {
+		t.Errorf("%d clients got neither their echo nor a close: the listener stopped accepting (first: %v)", n, firstUnanswered)
+	} else if served+refused != clients || refused == 0 || int64(served) > limit {
+		t.Errorf("%d clients: %d served, %d refused, under a limit of %d", clients, served, refused, limit)
+	}
+	s := waitStats(t, adminAddr, func(s hopStats) bool { return s.Closed["limit_exceeded"] >= int64(refused) })
+	if s.Closed["limit_exceeded"] != int64(refused) || refused == 0 {
+		t.Errorf("%d clients were refused, the hop counts %d as limit_exceeded (closed: %v)", refused, s.Closed["limit_exceeded"], s.Closed)
+	}
+
+	// The load is gone: the same listener serves new clients.
+	for _, c := range held {
+		c.Close()
+	}
+	held = nil
+	waitStats(t, adminAddr, func(s hopStats) bool { return s.ActiveTotal == 0 })
+	var failed []string
+	for i := 0; i < 10; i++ {
+		c, err := net.DialTimeout("tcp", hop, 2*time.Second)
+		if err == nil {
+			err = echoOnce(c, "after the overload\n")
+			c.Close()
+		}
+		if err != nil {
+			failed = append(failed, err.Error())
+		}
+	}
+	if len(failed) > 0 {
+		t.Errorf("%d of 10 new clients failed after the overload:\n%s", len(failed), strings.Join(failed, "\n"))
+	}
+}
+
+func isTimeout(err error) bool {
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}
+
+// waitStats polls the hop's stats until done accepts them (or 10s pass)
+// and returns the last.
+func waitStats(t *testing.T, adminAddr string, done func(hopStats) bool) hopStats {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s := stats(t, adminAddr)
+		if done(s) || time.Now().After(deadline) {
+			return s
+		}
+		<-time.After(50 * time.Millisecond) // another process's state: polled through its admin API
+	}
+}
+
+// connectionLimit reads caddy_layer4chain_connection_limit from the admin
+// endpoint's /metrics.
+func connectionLimit(t *testing.T, adminAddr string) (limit int64, found bool) {
+	t.Helper()
+	resp, err := admin.Get("http://" + adminAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if f := strings.Fields(sc.Text()); len(f) == 2 && f[0] == "caddy_layer4chain_connection_limit" {
+			v, err := strconv.ParseFloat(f[1], 64)
+			if err != nil {
+				t.Fatalf("caddy_layer4chain_connection_limit %q: %v", f[1], err)
+			}
+			return int64(v), true
+		}
+	}
+	return 0, false
+}

@@ -142,6 +142,79 @@ func TestGlobalOptionAdaptsToTheApp(t *testing.T) {
 	}
 }
 
+// TestOffAdaptsToMinusOne: `off` is the Caddyfile's word for the JSON -1
+// that switches a limit off, on the handler and in the global option.
+func TestOffAdaptsToMinusOne(t *testing.T) {
+	got, err := adapt(t, "Caddyfile", []byte(wrap(`chain 127.0.0.1:7002 {
+					idle_timeout off
+					half_close_timeout off
+					max_lifetime off
+					max_connections off
+					max_connections_per_client off
+				}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, opt := range []string{"idle_timeout", "half_close_timeout", "max_lifetime", "max_connections", "max_connections_per_client"} {
+		if want := "\"" + opt + "\": -1"; !strings.Contains(got, want) {
+			t.Errorf("adapted:\n%s\nwant it to contain %s", got, want)
+		}
+	}
+	got, err = adapt(t, "Caddyfile", []byte("{\n\tlayer4chain {\n\t\tmax_connections off\n\t}\n}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "\"layer4chain\": {\n\t\t\t\"max_connections\": -1\n\t\t}"; !strings.Contains(got, want) {
+		t.Fatalf("adapted:\n%s\nwant it to contain:\n%s", got, want)
+	}
+}
+
+// TestProxyOptionsChainLacksSayWhatToUse: an operator who brings
+// caddy-l4's proxy options is told what governs the same thing here.
+func TestProxyOptionsChainLacksSayWhatToUse(t *testing.T) {
+	const (
+		health  = "upstream health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
+		passive = "passive health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
+	)
+	for option, want := range map[string]string{
+		"lb_try_duration 5s":           "option 'lb_try_duration': not supported yet; use lb_tries and connect_timeout to bound failover",
+		"lb_try_interval 250ms":        "option 'lb_try_interval': not supported yet; chain fails over to the next upstream at once, lb_tries bounds the attempts",
+		"health_interval 10s":          "option 'health_interval': " + health,
+		"health_port 8080":             "option 'health_port': " + health,
+		"health_timeout 2s":            "option 'health_timeout': " + health,
+		"health_fall 3":                "option 'health_fall': " + health,
+		"health_rise 2":                "option 'health_rise': " + health,
+		"health_uri /health":           "option 'health_uri': " + health,
+		"close_if_unhealthy":           "option 'close_if_unhealthy': " + health,
+		"fail_duration 30s":            "option 'fail_duration': " + passive,
+		"max_fails 3":                  "option 'max_fails': " + passive,
+		"unhealthy_connection_count 5": "option 'unhealthy_connection_count': " + passive,
+	} {
+		_, err := adapt(t, "Caddyfile", []byte(wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\t"+option+"\n\t\t\t\t}")))
+		if want += ", at Caddyfile:6"; err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: error %v, want it to contain %q", option, err, want)
+		}
+	}
+}
+
+// TestUpstreamLinesStillTakeAddresses: the check for a block leaves the
+// addresses of an `upstream` line, and the next option, to their parsers.
+func TestUpstreamLinesStillTakeAddresses(t *testing.T) {
+	got, err := adapt(t, "Caddyfile", []byte(wrap(`chain {
+					upstream 127.0.0.1:7002 tcp4/127.0.0.1:7003
+					upstream upstream:7004
+					idle_timeout 1m
+				}`)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"127.0.0.1:7002"`, `"tcp4/127.0.0.1:7003"`, `"upstream:7004"`, `"idle_timeout": 60000000000`} {
+		if !strings.Contains(got, want) {
+			t.Errorf("adapted:\n%s\nwant it to contain %s", got, want)
+		}
+	}
+}
+
 // TestBadCaddyfilesFailWithTheOptionAndLine checks the exact messages an
 // operator sees.
 func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
@@ -155,7 +228,21 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 		{"bad duration", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tconnect_timeout soon\n\t\t\t\t}"),
 			"option 'connect_timeout': invalid duration 'soon'"},
 		{"negative duration", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thalf_close_timeout -1s\n\t\t\t\t}"),
-			"option 'half_close_timeout': must not be negative, got '-1s', at Caddyfile:6"},
+			"option 'half_close_timeout': must not be negative, got '-1s'; 'off' switches it off, at Caddyfile:6"},
+		{"connect_timeout off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tconnect_timeout off\n\t\t\t\t}"),
+			"option 'connect_timeout' cannot be off: an unreachable upstream would hold each client for the kernel's minutes of SYN retries, at Caddyfile:6"},
+		{"accept timeout off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\taccept_proxy_protocol {\n\t\t\t\t\t\tallow 10.0.0.1\n\t\t\t\t\t\ttimeout off\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"option 'timeout' cannot be off: a peer that never finishes its header would hold the connection forever, at Caddyfile:8"},
+		{"max_hops off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_hops off\n\t\t\t\t}"),
+			"option 'max_hops' cannot be off: a loop between hops would multiply connections without end, at Caddyfile:6"},
+		{"bad limit", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_connections -1\n\t\t\t\t}"),
+			"option 'max_connections': want a non-negative integer or 'off', got '-1', at Caddyfile:6"},
+		{"upstream block", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tmax_connections 10\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"option 'upstream' takes no block: per-upstream options are not supported yet; give one address per 'upstream' line, or the addresses on the chain line, at Caddyfile:6"},
+		{"upstream block without address", wrap("chain {\n\t\t\t\t\tupstream {\n\t\t\t\t\t\tdial 127.0.0.1:7002\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"option 'upstream' takes no block: per-upstream options are not supported yet; give one address per 'upstream' line, or the addresses on the chain line, at Caddyfile:6"},
+		{"global sweep_interval off", "{\n\tlayer4chain {\n\t\tsweep_interval off\n\t}\n}\n",
+			"option 'sweep_interval' cannot be off: the sweep is the safety net that enforces the limits no deadline caught and reaps zombie records, at Caddyfile:3"},
 		{"unknown version", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tproxy_protocol v3\n\t\t\t\t}"),
 			"option 'proxy_protocol': unknown value 'v3' (want one of [v1 v2]), at Caddyfile:6"},
 		{"unknown policy", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tlb_policy fastest\n\t\t\t\t}"),

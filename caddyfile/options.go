@@ -61,20 +61,37 @@ func oneArg(d *caddyfile.Dispenser) (string, error) {
 	return v, nil
 }
 
+// Off is the value the word `off` adapts to: in the JSON config of every
+// module of caddy-layer4chain, a negative value switches a limit off.
+const Off = -1
+
 // Duration parses an option with one duration argument ("5s", "1h", "2d").
 // Negative durations are rejected.
-func Duration(dst *caddy.Duration) Option {
+func Duration(dst *caddy.Duration) Option { return duration(dst, false) }
+
+// DurationOrOff is Duration for a limit that can be switched off: the word
+// `off` stores Off.
+func DurationOrOff(dst *caddy.Duration) Option { return duration(dst, true) }
+
+func duration(dst *caddy.Duration, canBeOff bool) Option {
 	return func(d *caddyfile.Dispenser) error {
 		name := d.Val()
 		v, err := oneArg(d)
 		if err != nil {
 			return err
 		}
+		if canBeOff && v == "off" {
+			*dst = Off
+			return nil
+		}
 		dur, err := caddy.ParseDuration(v)
 		if err != nil {
 			return d.Errf("option '%s': invalid duration '%s': %v", name, v, err)
 		}
 		if dur < 0 {
+			if canBeOff {
+				return d.Errf("option '%s': must not be negative, got '%s'; 'off' switches it off", name, v)
+			}
 			return d.Errf("option '%s': must not be negative, got '%s'", name, v)
 		}
 		*dst = caddy.Duration(dur)
@@ -83,20 +100,82 @@ func Duration(dst *caddy.Duration) Option {
 }
 
 // Int parses an option with one non-negative integer argument.
-func Int(dst *int) Option {
+func Int(dst *int) Option { return integer(dst, false) }
+
+// IntOrOff is Int for a limit that can be switched off: the word `off`
+// stores Off.
+func IntOrOff(dst *int) Option { return integer(dst, true) }
+
+func integer(dst *int, canBeOff bool) Option {
 	return func(d *caddyfile.Dispenser) error {
 		name := d.Val()
 		v, err := oneArg(d)
 		if err != nil {
 			return err
 		}
+		if canBeOff && v == "off" {
+			*dst = Off
+			return nil
+		}
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 0 {
+			if canBeOff {
+				return d.Errf("option '%s': want a non-negative integer or 'off', got '%s'", name, v)
+			}
 			return d.Errf("option '%s': want a non-negative integer, got '%s'", name, v)
 		}
 		*dst = n
 		return nil
 	}
+}
+
+// NotOff wraps the option parser opt of a limit that cannot be switched
+// off, so that the word `off` is rejected with why instead of as a value of
+// the wrong type.
+func NotOff(why string, opt Option) Option {
+	return func(d *caddyfile.Dispenser) error {
+		name := d.Val()
+		if d.NextArg() {
+			off := d.Val() == "off"
+			d.Prev()
+			if off {
+				return d.Errf("option '%s' cannot be off: %s", name, why)
+			}
+		}
+		return opt(d)
+	}
+}
+
+// Unsupported is the parser of an option that a similar module has (such
+// as caddy-l4's proxy) and this one does not have yet: it fails with the
+// option's name and instead, which says what to use meanwhile.
+func Unsupported(instead string) Option {
+	return func(d *caddyfile.Dispenser) error {
+		return d.Errf("option '%s': %s", d.Val(), instead)
+	}
+}
+
+// NoBlock fails if a block opens on the current line, with the option's
+// name and why; it leaves the cursor where it was. For options that take
+// arguments only, where a block is a likely habit from another module.
+func NoBlock(d *caddyfile.Dispenser, why string) error {
+	name, line := d.Val(), d.Line()
+	steps := 0
+	for d.NextArg() {
+		steps++
+	}
+	brace := false
+	if d.Next() {
+		steps++
+		brace = d.Val() == "{" && d.Line() == line
+	}
+	for ; steps > 0; steps-- {
+		d.Prev()
+	}
+	if brace {
+		return d.Errf("option '%s' takes no block: %s", name, why)
+	}
+	return nil
 }
 
 // OneOf parses an option with one argument from a fixed set.

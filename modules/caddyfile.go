@@ -18,11 +18,11 @@ func init() {
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
 //
 //	chain [<upstreams...>] {
-//		upstream <address>
+//		upstream <addresses...>
 //		connect_timeout <duration>
-//		idle_timeout <duration>
-//		half_close_timeout <duration>
-//		max_lifetime <duration>
+//		idle_timeout <duration>|off
+//		half_close_timeout <duration>|off
+//		max_lifetime <duration>|off
 //		proxy_protocol v1|v2
 //		accept_proxy_protocol {
 //			allow <cidrs...>
@@ -31,12 +31,15 @@ func init() {
 //		lb_policy first|round_robin|least_conn|random|ip_hash
 //		lb_tries <n>
 //		max_hops <n>
-//		max_connections <n>
-//		max_connections_per_client <n>
+//		max_connections <n>|off
+//		max_connections_per_client <n>|off
 //	}
 //
 // Upstreams may be given on the directive's line, with `upstream` lines, or
-// both, in that order. Unknown and duplicate options are errors.
+// both, in that order. `off` adapts to -1, which switches the limit off.
+// Unknown and duplicate options are errors, and so are an `upstream` block
+// and the options of caddy-l4's proxy that chain does not have yet: each
+// error says what to use instead.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name
 	for _, addr := range d.RemainingArgs() {
@@ -44,8 +47,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	var policy string
 	var tries int
-	err := chaincaddyfile.ParseBlock(d, "chain", map[string]chaincaddyfile.Option{
+	options := map[string]chaincaddyfile.Option{
 		"upstream": func(d *caddyfile.Dispenser) error {
+			if err := chaincaddyfile.NoBlock(d, "per-upstream options are not supported yet; give one address per 'upstream' line, or the addresses on the chain line"); err != nil {
+				return err
+			}
 			var addrs []string
 			if err := chaincaddyfile.Strings(&addrs)(d); err != nil {
 				return err
@@ -55,16 +61,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			return nil
 		},
-		"connect_timeout":            chaincaddyfile.Duration(&h.ConnectTimeout),
-		"idle_timeout":               chaincaddyfile.Duration(&h.IdleTimeout),
-		"half_close_timeout":         chaincaddyfile.Duration(&h.HalfCloseTimeout),
-		"max_lifetime":               chaincaddyfile.Duration(&h.MaxLifetime),
+		"connect_timeout":            chaincaddyfile.NotOff(whyConnectTimeoutOn, chaincaddyfile.Duration(&h.ConnectTimeout)),
+		"idle_timeout":               chaincaddyfile.DurationOrOff(&h.IdleTimeout),
+		"half_close_timeout":         chaincaddyfile.DurationOrOff(&h.HalfCloseTimeout),
+		"max_lifetime":               chaincaddyfile.DurationOrOff(&h.MaxLifetime),
 		"proxy_protocol":             chaincaddyfile.OneOf(&h.ProxyProtocol, "v1", "v2"),
 		"lb_policy":                  chaincaddyfile.OneOf(&policy, layer4chain.Policies...),
 		"lb_tries":                   chaincaddyfile.Int(&tries),
-		"max_hops":                   chaincaddyfile.Int(&h.MaxHops),
-		"max_connections":            chaincaddyfile.Int(&h.MaxConnections),
-		"max_connections_per_client": chaincaddyfile.Int(&h.MaxConnectionsPerClient),
+		"max_hops":                   chaincaddyfile.NotOff(whyMaxHopsOn, chaincaddyfile.Int(&h.MaxHops)),
+		"max_connections":            chaincaddyfile.IntOrOff(&h.MaxConnections),
+		"max_connections_per_client": chaincaddyfile.IntOrOff(&h.MaxConnectionsPerClient),
 		"accept_proxy_protocol": func(d *caddyfile.Dispenser) error {
 			if d.CountRemainingArgs() > 0 {
 				return d.ArgErr()
@@ -73,11 +79,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.AcceptProxyProtocol = app
 			return chaincaddyfile.ParseBlock(d, "accept_proxy_protocol", map[string]chaincaddyfile.Option{
 				"allow":   chaincaddyfile.Strings(&app.Allow),
-				"timeout": chaincaddyfile.Duration(&app.Timeout),
+				"timeout": chaincaddyfile.NotOff(whyAcceptTimeoutOn, chaincaddyfile.Duration(&app.Timeout)),
 			}, "allow")
 		},
-	}, "upstream")
-	if err != nil {
+	}
+	for name, instead := range proxyOptionsNotYet {
+		options[name] = chaincaddyfile.Unsupported(instead)
+	}
+	if err := chaincaddyfile.ParseBlock(d, "chain", options, "upstream"); err != nil {
 		return err
 	}
 	if policy != "" || tries != 0 {
@@ -92,15 +101,37 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
+// What to use instead of the options of caddy-l4's proxy that chain does
+// not have yet, so an operator coming from it is told rather than guessing.
+const (
+	insteadOfHealthChecks = "upstream health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
+	insteadOfPassiveCheck = "passive health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
+)
+
+var proxyOptionsNotYet = map[string]string{
+	"lb_try_duration":            "not supported yet; use lb_tries and connect_timeout to bound failover",
+	"lb_try_interval":            "not supported yet; chain fails over to the next upstream at once, lb_tries bounds the attempts",
+	"health_interval":            insteadOfHealthChecks,
+	"health_port":                insteadOfHealthChecks,
+	"health_timeout":             insteadOfHealthChecks,
+	"health_fall":                insteadOfHealthChecks,
+	"health_rise":                insteadOfHealthChecks,
+	"health_uri":                 insteadOfHealthChecks,
+	"close_if_unhealthy":         insteadOfHealthChecks,
+	"fail_duration":              insteadOfPassiveCheck,
+	"max_fails":                  insteadOfPassiveCheck,
+	"unhealthy_connection_count": insteadOfPassiveCheck,
+}
+
 // parseGlobalOption reads the global option
 //
 //	layer4chain {
 //		sweep_interval <duration>
 //		shutdown_grace <duration>
-//		max_connections <n>
+//		max_connections <n>|off
 //	}
 //
-// into apps.layer4chain.
+// into apps.layer4chain. `off` adapts to -1, which switches the limit off.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	app := new(App)
 	if prev, ok := existing.(httpcaddyfile.App); ok {
@@ -113,9 +144,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 		return nil, d.ArgErr()
 	}
 	err := chaincaddyfile.ParseBlock(d, "layer4chain", map[string]chaincaddyfile.Option{
-		"sweep_interval":  chaincaddyfile.Duration(&app.SweepInterval),
-		"shutdown_grace":  chaincaddyfile.Duration(&app.ShutdownGrace),
-		"max_connections": chaincaddyfile.Int(&app.MaxConnections),
+		"sweep_interval":  chaincaddyfile.NotOff(whySweepIntervalOn, chaincaddyfile.Duration(&app.SweepInterval)),
+		"shutdown_grace":  chaincaddyfile.NotOff(whyShutdownGraceOn, chaincaddyfile.Duration(&app.ShutdownGrace)),
+		"max_connections": chaincaddyfile.IntOrOff(&app.MaxConnections),
 	})
 	if err != nil {
 		return nil, err

@@ -10,11 +10,13 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 )
@@ -23,12 +25,15 @@ func init() {
 	caddy.RegisterModule(new(Handler))
 }
 
-// Defaults of the handler, documented on the fields they fill.
+// Defaults of the handler, documented on the fields they fill. What 0 and
+// negative values mean is decided once, in limits.go.
 const (
 	defaultConnectTimeout   = 5 * time.Second
 	defaultIdleTimeout      = time.Hour
 	defaultHalfCloseTimeout = 5 * time.Minute
 	defaultAcceptTimeout    = 3 * time.Second
+	// maxMaxHops is the most hops the hop-count TLV (one byte) can count.
+	maxMaxHops = 255
 )
 
 // Handler is a layer4 handler that proxies a connection to the next hop of a
@@ -43,7 +48,11 @@ const (
 type Handler struct {
 	// Upstreams are the addresses to proxy to, tried in the order the load
 	// balancing policy gives. Each upstream is an object with one "dial"
-	// address ("host:port"); a plain "host:port" string is accepted too.
+	// address in Caddy's network-address form: "host:port", "[::1]:port",
+	// "tcp/host:port", or "tcp4/host:port" and "tcp6/host:port" to dial
+	// over that IP family only. A plain address string is accepted in place
+	// of the object. Other networks (udp/, unix/) are rejected: chain
+	// proxies TCP.
 	Upstreams []*Upstream `json:"upstreams,omitempty"`
 
 	// LoadBalancing chooses the upstream for each connection and how many
@@ -51,21 +60,26 @@ type Handler struct {
 	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
 
 	// ConnectTimeout bounds every dial attempt; a timed-out attempt fails
-	// over to the next upstream. Default: 5s.
+	// over to the next upstream. Absent or 0: 5s. It cannot be switched
+	// off: an unreachable upstream would hold each client for the kernel's
+	// minutes of SYN retries. At least 1ms.
 	ConnectTimeout caddy.Duration `json:"connect_timeout,omitempty"`
 
 	// IdleTimeout closes a connection that moved no byte in either
-	// direction for this long (close reason idle_timeout). Default: 1h.
+	// direction for this long (close reason idle_timeout). Absent or 0: 1h;
+	// negative (-1): off, no inactivity limit. At least 1ms.
 	IdleTimeout caddy.Duration `json:"idle_timeout,omitempty"`
 
 	// HalfCloseTimeout applies once one direction has ended: the remaining
 	// direction is closed after moving no byte for this long (close reason
 	// half_close_timeout). It is an inactivity limit, so a stream that keeps
-	// flowing is never cut. Default: 5m.
+	// flowing is never cut. Absent or 0: 5m; negative (-1): off. At least
+	// 1ms.
 	HalfCloseTimeout caddy.Duration `json:"half_close_timeout,omitempty"`
 
 	// MaxLifetime closes a connection this long after it was accepted,
-	// however active (close reason max_lifetime). Default: 0, no limit.
+	// however active (close reason max_lifetime). Absent or 0: no limit;
+	// negative (-1) too. At least 1ms.
 	MaxLifetime caddy.Duration `json:"max_lifetime,omitempty"`
 
 	// ProxyProtocol sends a PROXY protocol header of this version ("v1" or
@@ -83,30 +97,51 @@ type Handler struct {
 
 	// MaxHops closes a connection whose incoming hop count (from a PROXY v2
 	// header) has reached this number (close reason loop_detected), so a
-	// misconfigured loop cannot multiply connections. Default: 8.
+	// misconfigured loop cannot multiply connections. Absent or 0: 8. It
+	// cannot be switched off (a loop would multiply connections without
+	// end); at most 255, the most the hop count carries.
 	MaxHops int `json:"max_hops,omitempty"`
 
 	// MaxConnections caps the connections this handler serves at once;
-	// more are closed at once (close reason limit_exceeded). Default: 0, no
-	// limit.
+	// more are closed at once (close reason limit_exceeded). Absent or 0:
+	// no limit; negative (-1) too.
 	MaxConnections int `json:"max_connections,omitempty"`
 
 	// MaxConnectionsPerClient caps the connections of one original client
 	// IP (the PROXY header's source when accepted, else the socket peer).
-	// Default: 0, no limit.
+	// Absent or 0: no limit; negative (-1) too.
 	MaxConnectionsPerClient int `json:"max_connections_per_client,omitempty"`
 
 	proxy *layer4chain.Proxy
+	// dials are the engine addresses of Upstreams, as check normalized
+	// them ("tcp/" dropped, so the same address shares one Upstream).
+	dials []string
 }
 
 // Upstream is one address to proxy to.
 type Upstream struct {
-	// Dial is the upstream's network address, "host:port". Exactly one
+	// Dial is the upstream's network address: "host:port", "[::1]:port",
+	// "tcp/host:port", "tcp4/host:port" or "tcp6/host:port". Exactly one
 	// address is allowed.
 	Dial []string `json:"dial,omitempty"`
+
+	// rejected holds the fields of the JSON object that are not accepted,
+	// in the object's order, so that check can name them with the
+	// upstream's index, which UnmarshalJSON does not know.
+	rejected []string
 }
 
-// UnmarshalJSON accepts an upstream object or a plain "host:port" string.
+// notYet says what to use instead of an upstream field that caddy-l4 has
+// and that chain will have (issue: upstream health), but does not yet.
+var notYet = map[string]string{
+	"max_connections": "not supported yet; the handler's max_connections caps its connections across all upstreams",
+	"weight":          "not supported yet, and nothing weighs upstreams yet; the load_balancing policy and the upstreams' order decide",
+	"tls":             "TLS to the next hop is not supported yet; chain forwards the client's bytes as they are, so a TLS stream passes through end to end",
+}
+
+// UnmarshalJSON accepts an upstream object or a plain address string. It
+// is strict like Caddy's own decoding: a field other than "dial" fails the
+// load, in check, with the upstream's index.
 func (u *Upstream) UnmarshalJSON(b []byte) error {
 	if b = bytes.TrimSpace(b); len(b) > 0 && b[0] == '"' {
 		var addr string
@@ -116,8 +151,21 @@ func (u *Upstream) UnmarshalJSON(b []byte) error {
 		u.Dial = []string{addr}
 		return nil
 	}
-	type plain Upstream
-	return json.Unmarshal(b, (*plain)(u))
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(b, &fields); err != nil {
+		return err
+	}
+	for name, v := range fields {
+		if name != "dial" {
+			u.rejected = append(u.rejected, name)
+			continue
+		}
+		if err := json.Unmarshal(v, &u.Dial); err != nil {
+			return fmt.Errorf("dial: %w", err)
+		}
+	}
+	slices.Sort(u.rejected)
+	return nil
 }
 
 // LoadBalancing chooses upstreams.
@@ -142,14 +190,17 @@ type Selection struct {
 // AcceptProxyProtocol configures reading PROXY headers from previous hops.
 type AcceptProxyProtocol struct {
 	// Allow lists the peers (CIDRs or single IPs) whose PROXY headers are
-	// trusted; a trusted peer must send one. A peer outside the list that
+	// trusted; a trusted peer must send one. Required: an empty list would
+	// trust nobody. A prefix of length 0 (0.0.0.0/0, ::/0) trusts every
+	// peer, so any client could forge its address; it loads with a warning. A peer outside the list that
 	// sends a header is rejected; one that sends anything else is served
 	// as a direct client (a client that waits for the server to speak
 	// first is served once Timeout has passed without a byte).
 	Allow []string `json:"allow,omitempty"`
 
 	// Timeout bounds how long a header may take to arrive whole.
-	// Default: 3s.
+	// Absent or 0: 3s. It cannot be switched off: a peer that never
+	// finishes its header would hold the connection forever. At least 1ms.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 }
 
@@ -172,9 +223,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("loading the layer4chain app: %w", err)
 	}
 
-	upstreams := make([]*layer4chain.Upstream, len(h.Upstreams))
-	for i, u := range h.Upstreams {
-		upstreams[i] = sharedUpstream(u.Dial[0])
+	upstreams := make([]*layer4chain.Upstream, len(h.dials))
+	for i, addr := range h.dials {
+		upstreams[i] = sharedUpstream(addr)
 	}
 	policy, tries := "", 0
 	if lb := h.LoadBalancing; lb != nil {
@@ -193,20 +244,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Tracker: tracker,
 		Scope:   h.scopeKey(),
 		Limits: layer4chain.Limits{
-			MaxConnections:          h.MaxConnections,
-			MaxConnectionsPerClient: h.MaxConnectionsPerClient,
+			MaxConnections:          resolveLimit(h.MaxConnections, 0),
+			MaxConnectionsPerClient: resolveLimit(h.MaxConnectionsPerClient, 0),
 		},
 		MaxHops:  h.MaxHops,
 		Balancer: balancer,
 		Dialer: &layer4chain.Dialer{
-			ConnectTimeout: orDefault(h.ConnectTimeout, defaultConnectTimeout),
+			ConnectTimeout: resolveDuration(h.ConnectTimeout, defaultConnectTimeout),
 			KeepAlive:      layer4chain.DefaultKeepAlive,
 			OnAttempt:      tracker.ReportDial,
 		},
 		Timeouts: layer4chain.Timeouts{
-			Idle:        orDefault(h.IdleTimeout, defaultIdleTimeout),
-			HalfClose:   orDefault(h.HalfCloseTimeout, defaultHalfCloseTimeout),
-			MaxLifetime: time.Duration(h.MaxLifetime),
+			Idle:        resolveDuration(h.IdleTimeout, defaultIdleTimeout),
+			HalfClose:   resolveDuration(h.HalfCloseTimeout, defaultHalfCloseTimeout),
+			MaxLifetime: resolveDuration(h.MaxLifetime, 0),
 		},
 	}
 	switch h.ProxyProtocol {
@@ -220,38 +271,65 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return fmt.Errorf("accept_proxy_protocol.allow: %w", err)
 		}
-		p.Accept = &layer4chain.ProxyAcceptor{Allow: allow, Timeout: orDefault(app.Timeout, defaultAcceptTimeout)}
+		for _, pfx := range allow {
+			if pfx.Bits() == 0 {
+				ctx.Logger().Warn("accept_proxy_protocol.allow trusts every peer: any client can forge the client address it forwards; list the previous hops instead",
+					zap.String("prefix", pfx.String()))
+			}
+		}
+		p.Accept = &layer4chain.ProxyAcceptor{Allow: allow, Timeout: resolveDuration(app.Timeout, defaultAcceptTimeout)}
 	}
 	h.proxy = p
 	return nil
 }
 
 // check rejects bad values with an error naming the field. It runs in
-// Provision, before anything is built from them.
+// Provision, before anything is built from them, and fills h.dials.
 func (h *Handler) check() error {
 	if len(h.Upstreams) == 0 {
 		return fmt.Errorf("upstreams: at least one upstream is required")
 	}
+	h.dials = make([]string, len(h.Upstreams))
 	for i, u := range h.Upstreams {
-		if u == nil || len(u.Dial) != 1 {
+		if u == nil {
+			return fmt.Errorf("upstreams[%d]: an upstream object is required, got null", i)
+		}
+		for _, name := range u.rejected {
+			if why, ok := notYet[name]; ok {
+				return fmt.Errorf("upstreams[%d].%s: %s", i, name, why)
+			}
+			return fmt.Errorf("upstreams[%d]: unknown field %q", i, name)
+		}
+		if len(u.Dial) != 1 {
 			return fmt.Errorf("upstreams[%d].dial: exactly one address is required", i)
 		}
-		if err := layer4chain.ValidateUpstreamAddr(u.Dial[0]); err != nil {
+		addr, err := dialAddr(u.Dial[0])
+		if err != nil {
 			return fmt.Errorf("upstreams[%d].dial: %w", i, err)
 		}
+		h.dials[i] = addr
 	}
-	for name, d := range map[string]caddy.Duration{
-		"connect_timeout":    h.ConnectTimeout,
-		"idle_timeout":       h.IdleTimeout,
-		"half_close_timeout": h.HalfCloseTimeout,
-		"max_lifetime":       h.MaxLifetime,
+	for _, opt := range []struct {
+		name      string
+		value     caddy.Duration
+		whyNotOff string
+	}{
+		{"connect_timeout", h.ConnectTimeout, whyConnectTimeoutOn},
+		{"idle_timeout", h.IdleTimeout, ""},
+		{"half_close_timeout", h.HalfCloseTimeout, ""},
+		{"max_lifetime", h.MaxLifetime, ""},
 	} {
-		if d < 0 {
-			return fmt.Errorf("%s: must not be negative, got %s", name, time.Duration(d))
+		if err := checkDuration(opt.name, opt.value, opt.whyNotOff); err != nil {
+			return err
 		}
 	}
-	if app := h.AcceptProxyProtocol; app != nil && app.Timeout < 0 {
-		return fmt.Errorf("accept_proxy_protocol.timeout: must not be negative, got %s", time.Duration(app.Timeout))
+	if app := h.AcceptProxyProtocol; app != nil {
+		if len(app.Allow) == 0 {
+			return fmt.Errorf("accept_proxy_protocol.allow: empty, so no peer is trusted and every PROXY header would be rejected; list the previous hops' IPs or CIDRs (e.g. \"10.0.0.0/8\"), or leave accept_proxy_protocol out")
+		}
+		if err := checkDuration("accept_proxy_protocol.timeout", app.Timeout, whyAcceptTimeoutOn); err != nil {
+			return err
+		}
 	}
 	switch h.ProxyProtocol {
 	case "", "v1", "v2":
@@ -261,16 +339,44 @@ func (h *Handler) check() error {
 	if lb := h.LoadBalancing; lb != nil && lb.Tries < 0 {
 		return fmt.Errorf("load_balancing.tries: must not be negative, got %d", lb.Tries)
 	}
-	for name, n := range map[string]int{
-		"max_hops":                   h.MaxHops,
-		"max_connections":            h.MaxConnections,
-		"max_connections_per_client": h.MaxConnectionsPerClient,
-	} {
-		if n < 0 {
-			return fmt.Errorf("%s: must not be negative, got %d", name, n)
+	if err := checkLimit("max_hops", h.MaxHops, whyMaxHopsOn, maxMaxHops); err != nil {
+		return err
+	}
+	if err := checkLimit("max_connections", h.MaxConnections, "", 0); err != nil {
+		return err
+	}
+	return checkLimit("max_connections_per_client", h.MaxConnectionsPerClient, "", 0)
+}
+
+// dialAddr turns an upstream address in Caddy's network-address form into
+// the engine's: "tcp/" is dropped, so "tcp/h:p" and "h:p" are one upstream;
+// "tcp4/" and "tcp6/" are kept, for the engine dials over that family.
+func dialAddr(addr string) (string, error) {
+	na, err := caddy.ParseNetworkAddress(addr)
+	if err == nil {
+		switch {
+		case na.Network != "tcp" && na.Network != "tcp4" && na.Network != "tcp6":
+			return "", fmt.Errorf("%q is a %s address; chain proxies TCP: use host:port, tcp4/host:port or tcp6/host:port", addr, na.Network)
+		case na.PortRangeSize() > 1:
+			return "", fmt.Errorf("%q is a port range; give one port per upstream", addr)
 		}
 	}
-	return nil
+	hostPort := addr
+	if _, rest, ok := strings.Cut(addr, "/"); ok {
+		hostPort = rest
+	}
+	// The engine's checks say more precisely what is wrong with a host or
+	// a port than Caddy's parser does, so they run even when it failed.
+	if err := layer4chain.ValidateUpstreamAddr(hostPort); err != nil {
+		return "", err
+	}
+	if err != nil {
+		return "", err
+	}
+	if na.Network == "tcp" {
+		return hostPort, nil
+	}
+	return na.Network + "/" + hostPort, nil
 }
 
 // Handle serves one connection until it ends.
@@ -303,13 +409,6 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 func (h *Handler) scopeKey() string {
 	b, _ := json.Marshal(h)
 	return string(b)
-}
-
-func orDefault(d caddy.Duration, def time.Duration) time.Duration {
-	if d == 0 {
-		return def
-	}
-	return time.Duration(d)
 }
 
 // parsePrefixes parses CIDRs and single IPs.

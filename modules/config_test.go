@@ -1,9 +1,20 @@
 package modules
 
-import "testing"
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	_ "github.com/caddyserver/caddy/v2/modules/logging"
+)
 
 func TestBadConfigFailsNamingTheField(t *testing.T) {
 	ok := []any{map[string]any{"dial": []string{"127.0.0.1:9"}}}
+	allow := []string{"127.0.0.1/32"}
 	for _, tc := range []struct {
 		name    string
 		handler map[string]any
@@ -13,19 +24,185 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 		{"two dial addresses", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:1", "127.0.0.1:2"}}}}, "upstreams[0].dial"},
 		{"bad dial address", map[string]any{"upstreams": []any{"127.0.0.1"}}, "upstreams[0].dial"},
 		{"unparsable CIDR", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.1/99"}}}, "accept_proxy_protocol.allow"},
-		{"negative accept timeout", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"timeout": "-1s"}}, "accept_proxy_protocol.timeout"},
-		{"negative connect_timeout", map[string]any{"upstreams": ok, "connect_timeout": "-1s"}, "connect_timeout"},
-		{"negative idle_timeout", map[string]any{"upstreams": ok, "idle_timeout": "-5m"}, "idle_timeout"},
-		{"negative half_close_timeout", map[string]any{"upstreams": ok, "half_close_timeout": "-1s"}, "half_close_timeout"},
-		{"negative max_lifetime", map[string]any{"upstreams": ok, "max_lifetime": "-1h"}, "max_lifetime"},
+		{"negative accept timeout", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": allow, "timeout": "-1s"}},
+			"accept_proxy_protocol.timeout: cannot be switched off (got -1s): a peer that never finishes its header would hold the connection forever"},
+		{"connect_timeout off", map[string]any{"upstreams": ok, "connect_timeout": -1},
+			"connect_timeout: cannot be switched off (got -1ns): an unreachable upstream would hold each client for the kernel's minutes of SYN retries"},
+		{"negative connect_timeout", map[string]any{"upstreams": ok, "connect_timeout": "-1s"}, "connect_timeout: cannot be switched off"},
 		{"unknown proxy_protocol", map[string]any{"upstreams": ok, "proxy_protocol": "v3"}, "proxy_protocol"},
 		{"unknown policy", map[string]any{"upstreams": ok, "load_balancing": map[string]any{"selection": map[string]any{"policy": "fastest"}}}, "load_balancing.selection.policy"},
 		{"negative tries", map[string]any{"upstreams": ok, "load_balancing": map[string]any{"tries": -1}}, "load_balancing.tries"},
-		{"negative max_hops", map[string]any{"upstreams": ok, "max_hops": -1}, "max_hops"},
-		{"negative max_connections", map[string]any{"upstreams": ok, "max_connections": -1}, "max_connections"},
-		{"negative per-client limit", map[string]any{"upstreams": ok, "max_connections_per_client": -2}, "max_connections_per_client"},
 		{"unknown field", map[string]any{"upstreams": ok, "idle_timout": "1s"}, "idle_timout"},
+
+		// A bare JSON number is nanoseconds to caddy.Duration.
+		{"connect_timeout in ns", map[string]any{"upstreams": ok, "connect_timeout": 5}, `connect_timeout: 5ns; did you mean "5s"?`},
+		{"idle_timeout in ns", map[string]any{"upstreams": ok, "idle_timeout": 300}, `idle_timeout: 300ns; did you mean "300s"?`},
+		{"half_close_timeout in ns", map[string]any{"upstreams": ok, "half_close_timeout": 30}, `half_close_timeout: 30ns; did you mean "30s"?`},
+		{"max_lifetime in ns", map[string]any{"upstreams": ok, "max_lifetime": 3600}, `max_lifetime: 3.6µs; did you mean "3600s"?`},
+		{"accept timeout in ns", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": allow, "timeout": 3}},
+			`accept_proxy_protocol.timeout: 3ns; did you mean "3s"?`},
+		{"sub-millisecond string", map[string]any{"upstreams": ok, "connect_timeout": "500us"}, `connect_timeout: 500µs; did you mean "500000s"?`},
+
+		{"max_hops off", map[string]any{"upstreams": ok, "max_hops": -1},
+			"max_hops: cannot be switched off (got -1): a loop between hops would multiply connections without end"},
+		{"max_hops beyond the TLV", map[string]any{"upstreams": ok, "max_hops": 256}, "max_hops: at most 255, got 256"},
+
+		{"unknown upstream field", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "foo": 1}}},
+			`upstreams[0]: unknown field "foo"`},
+		{"unknown field in the second upstream", map[string]any{"upstreams": []any{"127.0.0.1:9", map[string]any{"dial": []string{"127.0.0.1:8"}, "dail": 1}}},
+			`upstreams[1]: unknown field "dail"`},
+		{"per-upstream max_connections", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "max_connections": 10}}},
+			"upstreams[0].max_connections: not supported yet; the handler's max_connections caps its connections across all upstreams"},
+		{"upstream weight", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "weight": 3}}},
+			"upstreams[0].weight: not supported yet, and nothing weighs upstreams yet"},
+		{"upstream tls", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{}}}},
+			"upstreams[0].tls: TLS to the next hop is not supported yet"},
+
+		{"accept without allow", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"timeout": "1s"}},
+			"accept_proxy_protocol.allow: empty, so no peer is trusted and every PROXY header would be rejected; list the previous hops' IPs or CIDRs"},
+		{"accept with an empty allow", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": []string{}}},
+			"accept_proxy_protocol.allow: empty"},
+
+		{"udp upstream", map[string]any{"upstreams": []any{"udp/127.0.0.1:53"}},
+			`upstreams[0].dial: "udp/127.0.0.1:53" is a udp address; chain proxies TCP: use host:port, tcp4/host:port or tcp6/host:port`},
+		{"unix socket upstream", map[string]any{"upstreams": []any{"unix//run/backend.sock"}},
+			`upstreams[0].dial: "unix//run/backend.sock" is a unix address; chain proxies TCP`},
+		{"port range", map[string]any{"upstreams": []any{"127.0.0.1:9000-9001"}},
+			`upstreams[0].dial: "127.0.0.1:9000-9001" is a port range; give one port per upstream`},
+		{"network without port", map[string]any{"upstreams": []any{"tcp4/127.0.0.1"}}, "upstreams[0].dial: upstream address \"127.0.0.1\" is not host:port"},
 	} {
 		t.Run(tc.name, func(t *testing.T) { assertLoadError(t, tc.handler, tc.want) })
+	}
+}
+
+// TestEveryLimitThatCanBeOffLoadsOff loads a handler with every limit that
+// can be switched off set to -1 (JSON) and its durations also as "-1s".
+func TestEveryLimitThatCanBeOffLoadsOff(t *testing.T) {
+	for _, off := range []any{-1, "-1s"} {
+		startCaddy(t, map[string]any{"s": server("127.0.0.1:0", map[string]any{
+			"upstreams":                  upstreams("127.0.0.1:9"),
+			"idle_timeout":               off,
+			"half_close_timeout":         off,
+			"max_lifetime":               off,
+			"max_connections":            -1,
+			"max_connections_per_client": -1,
+		})})
+		if err := caddy.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestOffResolvesToTheEnginesDisabledValue pins the one place where the
+// modules' convention (0 default, negative off) meets the engine's (0
+// disabled): an idle_timeout of -1 must not become the 1h default.
+func TestOffResolvesToTheEnginesDisabledValue(t *testing.T) {
+	for _, tc := range []struct {
+		in   caddy.Duration
+		want time.Duration
+	}{
+		{0, time.Hour},
+		{-1, 0},
+		{caddy.Duration(-time.Second), 0},
+		{caddy.Duration(2 * time.Minute), 2 * time.Minute},
+	} {
+		if got := resolveDuration(tc.in, time.Hour); got != tc.want {
+			t.Errorf("resolveDuration(%v, 1h) = %v, want %v", time.Duration(tc.in), got, tc.want)
+		}
+	}
+	for _, tc := range []struct{ in, def, want int }{
+		{0, 0, 0}, {-1, 0, 0}, {0, 4096, 4096}, {-1, 4096, 0}, {10, 4096, 10},
+	} {
+		if got := resolveLimit(tc.in, tc.def); got != tc.want {
+			t.Errorf("resolveLimit(%d, %d) = %d, want %d", tc.in, tc.def, got, tc.want)
+		}
+	}
+}
+
+// TestCheckDurationAcceptsOneMillisecond: the smallest sensible value is
+// not taken for a unit mistake.
+func TestCheckDurationAcceptsOneMillisecond(t *testing.T) {
+	if err := checkDuration("idle_timeout", caddy.Duration(time.Millisecond), ""); err != nil {
+		t.Fatalf("1ms: %v", err)
+	}
+	if err := checkDuration("idle_timeout", -1, ""); err != nil {
+		t.Fatalf("-1 on a limit that can be off: %v", err)
+	}
+}
+
+// TestCaddyNetworkAddressFormsLoad shows which address forms dial what: the
+// "tcp/" form shares one upstream (and its connection count) with the plain
+// form, while tcp4/ and tcp6/ keep their family for the engine's dial.
+func TestCaddyNetworkAddressFormsLoad(t *testing.T) {
+	for in, want := range map[string]string{
+		"127.0.0.1:9":        "127.0.0.1:9",
+		"tcp/127.0.0.1:9":    "127.0.0.1:9",
+		"TCP/127.0.0.1:9":    "127.0.0.1:9",
+		"tcp4/localhost:9":   "tcp4/localhost:9",
+		"tcp6/[::1]:9":       "tcp6/[::1]:9",
+		"[::1]:9":            "[::1]:9",
+		"backend.internal:9": "backend.internal:9",
+	} {
+		got, err := dialAddr(in)
+		if err != nil || got != want {
+			t.Errorf("dialAddr(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	startCaddy(t, map[string]any{"s": server("127.0.0.1:0", map[string]any{
+		"upstreams": upstreams("tcp/127.0.0.1:9", "tcp4/127.0.0.1:9", "tcp6/[::1]:9", "[::1]:9"),
+	})})
+}
+
+// TestUpstreamRejectsFieldsInTheObjectsOrder: with several bad fields, the
+// message is the same on every load.
+func TestUpstreamRejectsFieldsInTheObjectsOrder(t *testing.T) {
+	var u Upstream
+	if err := json.Unmarshal([]byte(`{"dial":["127.0.0.1:9"],"zz":1,"aa":2}`), &u); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Join(u.rejected, ",") != "aa,zz" || len(u.Dial) != 1 {
+		t.Fatalf("rejected %v, dial %v", u.rejected, u.Dial)
+	}
+}
+
+// TestAllowEveryPeerWarnsAtLoad: an allow prefix of length 0 lets any peer
+// forge the client address. It is legal (a private network behind a
+// firewall) but never silent.
+func TestAllowEveryPeerWarnsAtLoad(t *testing.T) {
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	var cfg map[string]any
+	if err := json.Unmarshal(caddyConfig(map[string]any{"s": server("127.0.0.1:0", map[string]any{
+		"upstreams":             upstreams("127.0.0.1:9"),
+		"accept_proxy_protocol": map[string]any{"allow": []string{"0.0.0.0/0", "::/0", "127.0.0.1"}},
+	})}), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	cfg["logging"] = map[string]any{"logs": map[string]any{"default": map[string]any{
+		"writer": map[string]any{"output": "file", "filename": logFile},
+		"level":  "WARN", "encoder": map[string]any{"format": "json"},
+	}}}
+	b, _ := json.Marshal(cfg)
+	if err := caddy.Load(b, true); err != nil {
+		t.Fatalf("loading: %v", err)
+	}
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	log, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var warned []string
+	for _, line := range strings.Split(strings.TrimSpace(string(log)), "\n") {
+		var entry struct{ Level, Logger, Msg, Prefix string }
+		if json.Unmarshal([]byte(line), &entry) == nil && entry.Level == "warn" && strings.Contains(entry.Msg, "trusts every peer") {
+			if entry.Logger != "layer4.handlers.chain" {
+				t.Errorf("warning logged by %q, want the handler's own logger", entry.Logger)
+			}
+			warned = append(warned, entry.Prefix)
+		}
+	}
+	if strings.Join(warned, " ") != "0.0.0.0/0 ::/0" {
+		t.Fatalf("warned for prefixes %q, want 0.0.0.0/0 and ::/0 only; log:\n%s", warned, log)
 	}
 }

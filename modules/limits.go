@@ -39,6 +39,10 @@ const (
 	whyAcceptTimeoutOn = "a peer that never finishes its header would hold the connection forever"
 	// whyMaxHopsOn is the reason max_hops cannot be off.
 	whyMaxHopsOn = "a loop between hops would multiply connections without end"
+	// whySweepIntervalOn is the reason the app's sweep_interval cannot be off.
+	whySweepIntervalOn = "the sweep is the safety net that enforces the limits no deadline caught and reaps zombie records"
+	// whyShutdownGraceOn is the reason the app's shutdown_grace cannot be off.
+	whyShutdownGraceOn = "it is the most a shutdown waits, not a limit on connections; set a short duration to close connections sooner"
 )
 
 // checkDuration validates the duration option name, whose value is d:

@@ -41,7 +41,7 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 		{"max_lifetime in ns", map[string]any{"upstreams": ok, "max_lifetime": 3600}, `max_lifetime: 3.6µs; did you mean "3600s"?`},
 		{"accept timeout in ns", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": allow, "timeout": 3}},
 			`accept_proxy_protocol.timeout: 3ns; did you mean "3s"?`},
-		{"sub-millisecond string", map[string]any{"upstreams": ok, "connect_timeout": "500us"}, `connect_timeout: 500µs; did you mean "500000s"?`},
+		{"sub-millisecond string", map[string]any{"upstreams": ok, "connect_timeout": "500us"}, `connect_timeout: 500µs;`},
 
 		{"max_hops off", map[string]any{"upstreams": ok, "max_hops": -1},
 			"max_hops: cannot be switched off (got -1): a loop between hops would multiply connections without end"},

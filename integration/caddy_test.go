@@ -112,8 +112,10 @@ func startCaddyEnv(t testing.TB, env []string, ready []string, args ...string) *
 	return startCaddyCommand(t, env, ready, caddyBinary(t), append([]string{"run"}, args...)...)
 }
 
-// startCaddyCommand runs name with args (a caddy command line, or a
-// wrapper such as prlimit that execs one) the way startCaddyEnv runs Caddy.
+// startCaddyCommand runs name with args the way startCaddyEnv runs Caddy:
+// a caddy command line, or a wrapper that sets something up and then execs
+// one, so that the process's PID (whose sockets the readiness wait looks
+// for) is Caddy's.
 func startCaddyCommand(t testing.TB, env []string, ready []string, name string, args ...string) *process {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())

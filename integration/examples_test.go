@@ -38,9 +38,13 @@ func TestTwoProcessChain(t *testing.T) {
 	if got := httpExchange(t, c, bufio.NewReader(c)); got != "original client: "+c.LocalAddr().String() {
 		t.Fatalf("backend answered %q", got)
 	}
-	outer, inner := listConnections(t, "http://"+ex.addr(t, "localhost:2019")), listConnections(t, "http://"+ex.addr(t, "localhost:2020"))
-	if len(outer) != 1 || len(inner) != 1 || outer[0].ChainID != inner[0].ChainID || inner[0].Hop != 2 {
-		t.Fatalf("outer hop lists %+v, inner hop %+v: want one connection, one chain ID, hops 1 and 2", outer, inner)
+	// The requests of assertOriginalClient may still be closing on the hops:
+	// follow this client's connection, as an operator would.
+	outer := connectionsOf(listConnections(t, "http://"+ex.addr(t, "localhost:2019")), c.LocalAddr().String())
+	inner := connectionsOf(listConnections(t, "http://"+ex.addr(t, "localhost:2020")), c.LocalAddr().String())
+	if len(outer) != 1 || len(inner) != 1 || outer[0].ChainID != inner[0].ChainID || outer[0].Hop != 1 || inner[0].Hop != 2 {
+		t.Fatalf("for client %s the outer hop lists %+v, the inner hop %+v: want one connection each, one chain ID, hops 1 and 2",
+			c.LocalAddr(), outer, inner)
 	}
 
 	// A client that is not the outer hop reaches no route on the inner hop.

@@ -37,6 +37,17 @@ func listConnections(t *testing.T, base string) []connInfo {
 	return list
 }
 
+// connectionsOf returns the records whose original client is client.
+func connectionsOf(list []connInfo, client string) []connInfo {
+	var of []connInfo
+	for _, info := range list {
+		if info.OriginalClient == client {
+			of = append(of, info)
+		}
+	}
+	return of
+}
+
 // httpExchange sends one keep-alive request on c and reads the response.
 func httpExchange(t *testing.T, c net.Conn, r *bufio.Reader) string {
 	t.Helper()

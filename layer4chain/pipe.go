@@ -72,15 +72,24 @@ type direction struct {
 	err    error
 
 	writeDeadline time.Time
+
+	// screen, while not nil, holds back src's first bytes until they are
+	// known not to be a PROXY header (client → upstream only; see screen).
+	screen *screen
 }
 
 // runPipe copies both directions until both have ended or one failed or a
 // limit was hit, and returns why the connection ended. It does not close the
 // sockets on a graceful end; the caller owns them.
-func runPipe(r *Record, client, upstream net.Conn, t Timeouts) CloseReason {
+//
+// sc, when not nil, screens the client's first bytes for a PROXY header.
+// The screening is the first phase of the client → upstream direction, so
+// the upstream may speak first while it lasts.
+func runPipe(r *Record, client, upstream net.Conn, t Timeouts, sc *screen) CloseReason {
 	p := &pipe{r: r, t: t, client: client, upstream: upstream}
 	p.up = direction{p: p, src: client, dst: upstream, bytes: &r.bytesUp,
-		closed: ReasonClientClosed, srcReset: ReasonClientReset, dstReset: ReasonUpstreamReset}
+		closed: ReasonClientClosed, srcReset: ReasonClientReset, dstReset: ReasonUpstreamReset,
+		screen: sc}
 	p.down = direction{p: p, src: upstream, dst: client, bytes: &r.bytesDown,
 		closed: ReasonUpstreamClosed, srcReset: ReasonUpstreamReset, dstReset: ReasonClientReset}
 	clientRaw, upstreamRaw := r.rawSockets()
@@ -175,7 +184,11 @@ func (d *direction) init(raw syscall.RawConn) {
 func (d *direction) armRead() {
 	for {
 		s := d.p.r.State()
-		_ = d.src.SetReadDeadline(d.p.deadline(s, d.p.r.LastActivity()))
+		dl := d.p.deadline(s, d.p.r.LastActivity())
+		if sdl := d.screen.deadline(); !sdl.IsZero() && (dl.IsZero() || sdl.Before(dl)) {
+			dl = sdl
+		}
+		_ = d.src.SetReadDeadline(dl)
 		if d.p.r.State() == s {
 			return
 		}
@@ -203,12 +216,31 @@ func (d *direction) copy() {
 		if n > 0 {
 			now := time.Now()
 			d.p.r.touch(now)
-			werr := d.write((*buf)[:n], now)
-			d.bytes.Add(int64(n))
-			if werr != nil {
-				putBuf(buf)
-				d.writeFailed(werr)
-				return
+			b := (*buf)[:n]
+			if d.screen != nil {
+				switch d.screen.next(b, now) {
+				case verdictHold:
+					b = nil
+					d.armRead() // the held prefix has a deadline of its own
+				case verdictReject:
+					putBuf(buf)
+					d.reject(ProxyRejectUntrusted, errUntrustedHeader)
+					return
+				case verdictForward:
+					if !d.release(now) {
+						putBuf(buf)
+						return
+					}
+				}
+			}
+			if len(b) > 0 {
+				werr := d.write(b, now)
+				d.bytes.Add(int64(len(b)))
+				if werr != nil {
+					putBuf(buf)
+					d.writeFailed(werr)
+					return
+				}
 			}
 		}
 		if buf != nil {
@@ -217,12 +249,22 @@ func (d *direction) copy() {
 		switch {
 		case err == nil:
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			if reason, expired := d.p.expired(time.Now()); expired {
+			now := time.Now()
+			if sdl := d.screen.deadline(); !sdl.IsZero() && !now.Before(sdl) {
+				d.reject(ProxyRejectTimeout, err)
+				return
+			}
+			if reason, expired := d.p.expired(now); expired {
 				d.p.fail(reason, false)
 				return
 			}
 			d.armRead()
 		case err == io.EOF:
+			// A held prefix cut short by EOF can no longer be a header:
+			// it is the client's last word, and reaches the upstream.
+			if !d.release(time.Now()) {
+				return
+			}
 			d.finish()
 			return
 		default:
@@ -263,6 +305,35 @@ func (d *direction) write(b []byte, now time.Time) error {
 			return &limitError{reason}
 		}
 	}
+}
+
+// release ends screening: the held bytes, if any, are the client's and go
+// to dst before anything read after them. It returns false if the
+// connection ended because the write failed.
+func (d *direction) release(now time.Time) bool {
+	sc := d.screen
+	if sc == nil {
+		return true
+	}
+	d.screen = nil
+	held := sc.heldBytes()
+	if len(held) == 0 {
+		return true
+	}
+	err := d.write(held, now)
+	d.bytes.Add(int64(len(held)))
+	if err != nil {
+		d.writeFailed(err)
+		return false
+	}
+	return true
+}
+
+// reject refuses the PROXY header found while screening. Nothing of it
+// was forwarded; both sockets are closed.
+func (d *direction) reject(reason ProxyRejectReason, cause error) {
+	rejectHeader(d.p.r, &ProxyRejectError{Reason: reason, Err: cause})
+	d.p.fail(ReasonProxyProtocolRejected, false)
 }
 
 // limitError is a write abandoned because a limit expired.

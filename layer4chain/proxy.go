@@ -81,7 +81,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		_ = client.Close()
 	})
 
-	o, pending, reason := p.readOrigin(r, client, pending)
+	o, pending, sc, reason := p.readOrigin(r, client, pending)
 	if reason != ReasonNone {
 		return reason
 	}
@@ -138,7 +138,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.established.Store(now.UnixNano())
 	r.touch(now)
 	r.setState(StateEstablished)
-	return runPipe(r, client, upConn, p.Timeouts)
+	return runPipe(r, client, upConn, p.Timeouts, sc)
 }
 
 // origin is what this hop knows about where a connection comes from.
@@ -153,25 +153,44 @@ type origin struct {
 // readOrigin reads the PROXY header, if this hop accepts them, and returns
 // the connection's origin and the bytes to forward first. Without a
 // trusted header the origin is the socket's own peer.
-func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (origin, []byte, CloseReason) {
-	o := origin{client: r.Client, dest: addrPortOf(client.LocalAddr())}
+//
+// A peer outside the allow list is not read from: its header would never be
+// used, and it may be waiting for the server to speak first. Its first bytes
+// are screened instead, while the connection flows: sc, when not nil, holds
+// the pending bytes that may yet become a signature (none are forwarded
+// first then), and the pipe goes on screening what the client sends.
+func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (o origin, first []byte, sc *screen, reason CloseReason) {
+	o = origin{client: r.Client, dest: addrPortOf(client.LocalAddr())}
 	if p.Accept == nil {
-		return o, pending, ReasonNone
+		return o, pending, nil, ReasonNone
+	}
+	if !isTrusted(p.Accept.Allow, r.Client.Addr()) {
+		sc = &screen{timeout: p.Accept.timeout()}
+		switch sc.next(pending, time.Now()) {
+		case verdictForward:
+			return o, pending, nil, ReasonNone
+		case verdictReject:
+			rejectHeader(r, &ProxyRejectError{Reason: ProxyRejectUntrusted, Err: errUntrustedHeader})
+			return o, nil, nil, ReasonProxyProtocolRejected
+		}
+		return o, nil, sc, ReasonNone
 	}
 	pr := &prefixedConn{Conn: client, pending: pending}
 	info, rest, err := p.Accept.Accept(pr, r.Client.Addr())
 	if err != nil {
 		var rej *ProxyRejectError
 		if !errors.As(err, &rej) {
-			return o, nil, ReasonClientClosed
+			// For a trusted peer every outcome of reading is a header or a
+			// rejection; this is SetReadDeadline failing on a dead socket.
+			r.setDetail(err)
+			return o, nil, nil, ReasonClientClosed
 		}
-		p.Tracker.countProxyRejection(rej.Reason)
-		r.setDetail(err)
-		return o, nil, ReasonProxyProtocolRejected
+		rejectHeader(r, rej)
+		return o, nil, nil, ReasonProxyProtocolRejected
 	}
 	pending = append(rest, pr.pending...)
 	if info == nil {
-		return o, pending, ReasonNone
+		return o, pending, nil, ReasonNone
 	}
 	if !info.Local && info.Source.IsValid() {
 		o.client, o.dest = info.Source, info.Destination
@@ -182,7 +201,7 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (origin, 
 		// count, but there was at least the hop that sent it.
 		o.hops = 1
 	}
-	return o, pending, ReasonNone
+	return o, pending, nil, ReasonNone
 }
 
 // writeFirst sends the PROXY header (if this hop emits one) and the

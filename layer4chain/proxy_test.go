@@ -228,7 +228,9 @@ func TestCloseDetailSaysWhatTheReasonCannot(t *testing.T) {
 			return &Proxy{Balancer: balancerFor(t, chaintest.RefusedAddr(t))}
 		}, "x", ReasonConnectRefused, "connection refused"},
 		{"untrusted header", func(t *testing.T) *Proxy {
-			return &Proxy{Balancer: balancerFor(t, chaintest.RefusedAddr(t)),
+			// An untrusted peer is dialed at once; its header is refused
+			// when it comes.
+			return &Proxy{Balancer: balancerFor(t, chaintest.NewEchoBackend(t).Addr),
 				Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}}
 		}, "PROXY TCP4 127.0.0.9 127.0.0.1 1 2\r\n", ReasonProxyProtocolRejected, "untrusted"},
 	} {

@@ -589,3 +589,71 @@ func nilIfEmpty(b []byte) []byte {
 	}
 	return b
 }
+
+// screen holds back the first bytes of a client outside the allow list while
+// they may still become a PROXY signature. Such a client's header is never
+// used, so nobody waits for one: the upstream is dialed at once and the
+// server may speak first. But a header sent later must still be refused, and
+// none of it may reach the upstream, which would take it for the client's
+// own bytes. Only the client→upstream direction uses a screen.
+type screen struct {
+	// timeout bounds how long a held prefix may take to become a signature
+	// or diverge from one, as it bounds a header in Accept.
+	timeout time.Duration
+	held    [len(v2Sig)]byte
+	n       int
+	since   time.Time // when the first held byte arrived
+}
+
+// verdict is what a screen decided about the bytes it was shown.
+type verdict int
+
+const (
+	// verdictHold: every byte so far is a prefix of a signature; the bytes
+	// are held and more are needed.
+	verdictHold verdict = iota
+	// verdictForward: the bytes cannot start a signature; the held ones and
+	// then the new ones go to the upstream, and screening ends.
+	verdictForward
+	// verdictReject: a whole signature; the connection is refused.
+	verdictReject
+)
+
+// next decides on b, the bytes that follow those held. On verdictHold it
+// keeps a copy of b. It never looks past the longest signature.
+func (s *screen) next(b []byte, now time.Time) verdict {
+	var cand [len(v2Sig)]byte
+	copy(cand[:], s.held[:s.n])
+	k := copy(cand[s.n:], b)
+	v1, v2, complete := matchSignature(cand[:s.n+k])
+	switch {
+	case !v1 && !v2:
+		return verdictForward
+	case complete:
+		return verdictReject
+	}
+	// Still shorter than a signature, so k is all of b.
+	if s.n == 0 && k > 0 {
+		s.since = now
+	}
+	s.n += copy(s.held[s.n:], b)
+	return verdictHold
+}
+
+// heldBytes returns the prefix held so far.
+func (s *screen) heldBytes() []byte { return s.held[:s.n] }
+
+// deadline is when a held prefix is refused as a slow header; zero while
+// nothing is held.
+func (s *screen) deadline() time.Time {
+	if s == nil || s.n == 0 {
+		return time.Time{}
+	}
+	return s.since.Add(s.timeout)
+}
+
+// rejectHeader counts a refused PROXY header in r's tracker and records why.
+func rejectHeader(r *Record, rej *ProxyRejectError) {
+	r.tracker.countProxyRejection(rej.Reason)
+	r.setDetail(rej)
+}

@@ -1,0 +1,313 @@
+package layer4chain
+
+import (
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// checkEngineLeaks asserts, when the test ends, that its goroutines and file
+// descriptors are gone. Call it first in a test, so that its check runs
+// after every later cleanup (hops, backends, clients).
+func checkEngineLeaks(t *testing.T) {
+	t.Helper()
+	// The runtime's poller keeps descriptors of its own once started.
+	if ln, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
+		ln.Close()
+	}
+	goroutines := goleak.IgnoreCurrent()
+	fds := countFDs(t)
+	t.Cleanup(func() {
+		goleak.VerifyNone(t, goroutines)
+		if now := countFDs(t); now > fds {
+			t.Errorf("open file descriptors: %d after the test, %d before", now, fds)
+		}
+	})
+}
+
+func countFDs(t *testing.T) int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("counting file descriptors: %v", err)
+	}
+	return len(entries)
+}
+
+const (
+	greeting = "220 mail.example ESMTP\r\n"
+	farewell = "221 bye\r\n"
+)
+
+// greetingBackend is a server that speaks first, as SMTP, MySQL and SSH
+// servers do: it greets, reads until the client's EOF, reports what it
+// received and says goodbye.
+func greetingBackend(t *testing.T) (*chaintest.Backend, <-chan []byte) {
+	received := make(chan []byte, 16)
+	b := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		io.WriteString(c, greeting)
+		got, _ := io.ReadAll(c)
+		received <- got
+		io.WriteString(c, farewell)
+	})
+	return b, received
+}
+
+// untrustingHop is a hop that accepts PROXY headers from 127.0.0.2 alone,
+// so that the test's clients (from 127.0.0.1) are direct clients.
+func untrustingHop(t *testing.T, upstream string, timeout time.Duration, pending []byte) (*hop, closedRecords) {
+	closed := closedRecords{make(chan RecordInfo, 16)}
+	tr := NewTracker()
+	tr.Observer = closed
+	h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, upstream),
+		Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}, Timeout: timeout}}, pending)
+	return h, closed
+}
+
+func readGreeting(t *testing.T, c net.Conn) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	buf := make([]byte, len(greeting))
+	if _, err := io.ReadFull(c, buf); err != nil {
+		t.Fatalf("no greeting within 1s (the header timeout is 5s): %v", err)
+	}
+	if string(buf) != greeting {
+		t.Fatalf("greeting %q", buf)
+	}
+	c.SetReadDeadline(time.Time{})
+}
+
+func received(t *testing.T, ch <-chan []byte) []byte {
+	t.Helper()
+	select {
+	case b := <-ch:
+		return b
+	case <-time.After(5 * time.Second):
+		t.Fatal("the backend never finished reading")
+		return nil
+	}
+}
+
+func closedInfo(t *testing.T, c closedRecords) RecordInfo {
+	t.Helper()
+	select {
+	case info := <-c.infos:
+		return info
+	case <-time.After(5 * time.Second):
+		t.Fatal("no record closed")
+		return RecordInfo{}
+	}
+}
+
+// An SMTP client waits for the server's greeting before it says anything.
+// Its hop does not wait for a PROXY header it would never honour.
+func TestUntrustedSilentClientHearsTheServerFirst(t *testing.T) {
+	checkEngineLeaks(t)
+	backend, got := greetingBackend(t)
+	h, _ := untrustingHop(t, backend.Addr, 5*time.Second, nil)
+	c := chaintest.Dial(t, h.Addr)
+	readGreeting(t, c)
+	io.WriteString(c, "QUIT\r\n")
+	c.CloseWrite()
+	if b := received(t, got); string(b) != "QUIT\r\n" {
+		t.Fatalf("backend got %q", b)
+	}
+	if rest, _, err := chaintest.ReadUntilClosed(c, 3*time.Second); err != nil || string(rest) != farewell {
+		t.Fatalf("client read %q, %v after its half-close; want the farewell then EOF", rest, err)
+	}
+	if r := h.reason(t); r != ReasonClientClosed {
+		t.Fatalf("reason %s", r)
+	}
+}
+
+// A client outside the allow list that sends a PROXY header once the server
+// has greeted it is still refused, and none of the header reaches the
+// backend, which would otherwise take it for the client's own words.
+func TestUntrustedHeaderAfterTheGreetingIsRejected(t *testing.T) {
+	v1 := "PROXY TCP4 198.51.100.7 127.0.0.1 4000 25\r\n"
+	v2 := string(mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:25"), ChainID: "spoofed", Hops: 1}))
+	for _, tc := range []struct {
+		name   string
+		writes []string
+	}{
+		{"v1", []string{v1 + "MAIL FROM:<x>\r\n"}},
+		{"v2", []string{v2 + "MAIL FROM:<x>\r\n"}},
+		{"v1 in pieces", []string{"PR", "OX", "Y TCP4 198.51.100.7 127.0.0.1 4000 25\r\n"}},
+		{"v2 in pieces", []string{v2[:5], v2[5:11], v2[11:]}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkEngineLeaks(t)
+			backend, got := greetingBackend(t)
+			h, closed := untrustingHop(t, backend.Addr, 5*time.Second, nil)
+			c := chaintest.Dial(t, h.Addr)
+			readGreeting(t, c)
+			for _, w := range tc.writes {
+				if _, err := io.WriteString(c, w); err != nil {
+					t.Fatal(err)
+				}
+			}
+			rest, elapsed, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+			if len(rest) != 0 || elapsed > 2*time.Second {
+				t.Fatalf("client read %q and was closed after %v, want nothing and a prompt close", rest, elapsed)
+			}
+			if b := received(t, got); len(b) != 0 {
+				t.Fatalf("backend received %q of an untrusted header", b)
+			}
+			info := closedInfo(t, closed)
+			if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "untrusted") {
+				t.Fatalf("closed with %s (%q), want proxy_protocol_rejected, untrusted", info.Reason, info.Detail)
+			}
+			if n := h.Tracker.ProxyRejections(ProxyRejectUntrusted); n != 1 {
+				t.Fatalf("untrusted rejections: %d", n)
+			}
+			if info.BytesUp != 0 {
+				t.Fatalf("record counts %d bytes up", info.BytesUp)
+			}
+		})
+	}
+}
+
+// A direct client whose whole message is "PRO" (it could have become a
+// PROXY signature) and then EOF: the bytes are the client's, so they reach
+// the backend, followed by the EOF, and the backend's answer comes back.
+func TestUntrustedPartialSignatureThenEOFReachesTheBackend(t *testing.T) {
+	checkEngineLeaks(t)
+	backend, got := greetingBackend(t)
+	h, _ := untrustingHop(t, backend.Addr, 5*time.Second, nil)
+	c := chaintest.Dial(t, h.Addr)
+	io.WriteString(c, "PRO")
+	c.CloseWrite()
+	if b := received(t, got); string(b) != "PRO" {
+		t.Fatalf("backend got %q, want PRO then EOF", b)
+	}
+	all, elapsed, err := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if err != nil || string(all) != greeting+farewell || elapsed > 2*time.Second {
+		t.Fatalf("client read %q, %v in %v; want the greeting and the farewell", all, err, elapsed)
+	}
+	if r := h.reason(t); r != ReasonClientClosed {
+		t.Fatalf("reason %s", r)
+	}
+}
+
+// Bytes that only start like a signature are held until they are decided;
+// a start that never completes is refused after the header timeout, as it
+// was before the hop dialed at once.
+func TestUntrustedPartialSignatureTimesOut(t *testing.T) {
+	checkEngineLeaks(t)
+	const timeout = 300 * time.Millisecond
+	backend, got := greetingBackend(t)
+	h, closed := untrustingHop(t, backend.Addr, timeout, nil)
+	c := chaintest.Dial(t, h.Addr)
+	readGreeting(t, c)
+	start := time.Now()
+	io.WriteString(c, "PROX")
+	rest, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if elapsed := time.Since(start); len(rest) != 0 || elapsed < timeout*9/10 || elapsed > timeout+time.Second {
+		t.Fatalf("client read %q and was closed after %v, want nothing after about %v", rest, elapsed, timeout)
+	}
+	if b := received(t, got); len(b) != 0 {
+		t.Fatalf("backend received %q", b)
+	}
+	info := closedInfo(t, closed)
+	if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "timeout") {
+		t.Fatalf("closed with %s (%q), want proxy_protocol_rejected, timeout", info.Reason, info.Detail)
+	}
+	if n := h.Tracker.ProxyRejections(ProxyRejectTimeout); n != 1 {
+		t.Fatalf("timeout rejections: %d", n)
+	}
+}
+
+// Bytes a matcher already read are screened like the rest of the stream.
+func TestMatchedBytesOfAnUntrustedClientAreScreened(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		pending string
+		send    string
+		want    string // what the backend receives; "" for a rejection
+		dialed  bool
+	}{
+		{"a whole header", "PROXY TCP4 198.51.100.7 127.0.0.1 4000 25\r\n", "", "", false},
+		{"a header completed by the client", "PR", "OXY TCP4 198.51.100.7 127.0.0.1 4000 25\r\n", "", true},
+		{"a prefix that diverges", "PR", "IVMSG #x\r\n", "PRIVMSG #x\r\n", true},
+		{"no signature", "EHLO", " x\r\n", "EHLO x\r\n", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkEngineLeaks(t)
+			backend, got := greetingBackend(t)
+			h, closed := untrustingHop(t, backend.Addr, 5*time.Second, []byte(tc.pending))
+			c := chaintest.Dial(t, h.Addr)
+			io.WriteString(c, tc.send)
+			c.CloseWrite()
+			all, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+			info := closedInfo(t, closed)
+			if tc.want == "" {
+				if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "untrusted") {
+					t.Fatalf("closed with %s (%q), want proxy_protocol_rejected, untrusted", info.Reason, info.Detail)
+				}
+			} else if info.Reason != ReasonClientClosed || string(all) != greeting+farewell {
+				t.Fatalf("closed with %s (%q), client read %q", info.Reason, info.Detail, all)
+			}
+			if !tc.dialed {
+				if n := backend.AcceptedCount(); n != 0 {
+					t.Fatalf("backend dialed %d times for a header already in hand", n)
+				}
+				return
+			}
+			if b := received(t, got); string(b) != tc.want {
+				t.Fatalf("backend received %q, want %q", b, tc.want)
+			}
+		})
+	}
+}
+
+// A reset while the first bytes are being screened is a reset, and the
+// backend hears of it rather than of a clean end.
+func TestUntrustedClientResetWhileScreenedIsAReset(t *testing.T) {
+	checkEngineLeaks(t)
+	backend, got := greetingBackend(t)
+	h, _ := untrustingHop(t, backend.Addr, 5*time.Second, nil)
+	c := chaintest.Dial(t, h.Addr)
+	readGreeting(t, c)
+	io.WriteString(c, "PRO")
+	c.SetLinger(0)
+	c.Close()
+	if r := h.reason(t); r != ReasonClientReset {
+		t.Fatalf("reason %s, want client_reset", r)
+	}
+	if b := received(t, got); len(b) != 0 {
+		t.Fatalf("backend received %q", b)
+	}
+}
+
+// A trusted previous hop always sends a header first, so one that sends
+// nothing is a broken chain: refused after the header timeout, not dialed.
+func TestTrustedSilentPeerIsRejectedAfterTheTimeout(t *testing.T) {
+	checkEngineLeaks(t)
+	const timeout = 300 * time.Millisecond
+	backend, _ := greetingBackend(t)
+	closed := closedRecords{make(chan RecordInfo, 1)}
+	tr := NewTracker()
+	tr.Observer = closed
+	h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr),
+		Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}, Timeout: timeout}}, nil)
+	c := chaintest.Dial(t, h.Addr)
+	rest, elapsed, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if len(rest) != 0 || elapsed < timeout*9/10 || elapsed > timeout+time.Second {
+		t.Fatalf("client read %q and was closed after %v, want nothing after about %v", rest, elapsed, timeout)
+	}
+	info := closedInfo(t, closed)
+	if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "timeout") {
+		t.Fatalf("closed with %s (%q)", info.Reason, info.Detail)
+	}
+	if n := backend.AcceptedCount(); n != 0 {
+		t.Fatalf("backend dialed %d times", n)
+	}
+}

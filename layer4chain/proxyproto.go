@@ -257,9 +257,12 @@ type ProxyAcceptor struct {
 	// Allow lists the peers whose headers are trusted. IPv4-mapped IPv6 peers
 	// and prefixes are compared as IPv4.
 	Allow []netip.Prefix
-	// Timeout is how long the whole header may take; <= 0 means 3s. It also
-	// bounds how long an untrusted client that sends nothing is waited for,
-	// because such a client may be waiting for the server to speak first.
+	// Timeout is how long the whole header may take; <= 0 means 3s. A
+	// trusted peer that sends nothing is rejected (ProxyRejectTimeout) once
+	// it has passed. Proxy never waits on an untrusted peer, which may be
+	// waiting for the server to speak first: it dials at once and screens
+	// the peer's first bytes, and Timeout then bounds only how long a
+	// partial signature may stay undecided.
 	Timeout time.Duration
 }
 
@@ -279,6 +282,13 @@ type DeadlineReader interface {
 }
 
 // Accept reads a PROXY header from conn, whose socket peer is peer.
+//
+// Proxy calls it for trusted peers only. For an untrusted peer it would
+// wait up to the timeout on a client that sends nothing; Proxy instead
+// dials at once and screens the client's first bytes as they flow (a whole
+// signature is rejected as untrusted, a partial one held until it is
+// decided, bytes that cannot start one forwarded at once). The untrusted
+// outcomes below remain for other callers, and describe the same decisions.
 //
 // It returns the header's information (nil when the peer sent none and is
 // not trusted, i.e. a direct client), and the bytes it read past the header

@@ -11,7 +11,11 @@ import (
 	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
 
-func TestBadProxyHeadersAreRejectedWithoutDialing(t *testing.T) {
+// A bad header is refused, and nothing of it reaches the backend. A trusted
+// peer is read before the dial, so its bad header costs no dial; an
+// untrusted peer is dialed at once (it may be waiting for the server to
+// speak first) and its header refused when it comes.
+func TestBadProxyHeadersAreRejectedWithoutReachingTheBackend(t *testing.T) {
 	checkLeaks(t)
 	valid, err := layer4chain.ProxyHeader{
 		Version: 2,
@@ -25,14 +29,20 @@ func TestBadProxyHeadersAreRejectedWithoutDialing(t *testing.T) {
 		allow  string
 		send   []byte
 		reason layer4chain.ProxyRejectReason
+		dialed bool
 	}{
-		{"untrusted source", "127.0.0.2/32", valid, layer4chain.ProxyRejectUntrusted},
-		{"malformed header", "127.0.0.1/32", []byte("PROXY GARBAGE here\r\n"), layer4chain.ProxyRejectMalformed},
-		{"slow header", "127.0.0.1/32", valid[:10], layer4chain.ProxyRejectTimeout},
+		{"untrusted source", "127.0.0.2/32", valid, layer4chain.ProxyRejectUntrusted, true},
+		{"untrusted slow header", "127.0.0.2/32", valid[:10], layer4chain.ProxyRejectTimeout, true},
+		{"malformed header", "127.0.0.1/32", []byte("PROXY GARBAGE here\r\n"), layer4chain.ProxyRejectMalformed, false},
+		{"slow header", "127.0.0.1/32", valid[:10], layer4chain.ProxyRejectTimeout, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkLeaks(t)
-			backend := chaintest.NewEchoBackend(t)
+			received := make(chan []byte, 4)
+			backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+				b, _ := io.ReadAll(io.TeeReader(c, c))
+				received <- b
+			})
 			addr := chaintest.FreeAddr(t)
 			startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
 				"upstreams":             upstreams(backend.Addr),
@@ -54,12 +64,16 @@ func TestBadProxyHeadersAreRejectedWithoutDialing(t *testing.T) {
 			if n := tr.ProxyRejections(tc.reason); n != rejected+1 {
 				t.Fatalf("rejections for %s: %d, want %d", tc.reason, n, rejected+1)
 			}
-			if n := backend.AcceptedCount(); n != 0 {
-				t.Fatalf("backend accepted %d connections, want none dialed", n)
+			if !tc.dialed {
+				if n := backend.AcceptedCount(); n != 0 {
+					t.Fatalf("backend accepted %d connections, want none dialed", n)
+				}
+			} else if b := receivedBy(t, received); len(b) != 0 {
+				t.Fatalf("backend received %q of a rejected header", b)
 			}
 			// The hop goes on serving well-formed clients.
 			good := chaintest.Dial(t, addr)
-			if tc.reason != layer4chain.ProxyRejectUntrusted {
+			if !tc.dialed {
 				if _, err := good.Write(valid); err != nil {
 					t.Fatal(err)
 				}
@@ -67,6 +81,86 @@ func TestBadProxyHeadersAreRejectedWithoutDialing(t *testing.T) {
 			roundTrip(t, good, "still serving")
 		})
 	}
+}
+
+func receivedBy(t *testing.T, ch <-chan []byte) []byte {
+	t.Helper()
+	select {
+	case b := <-ch:
+		return b
+	case <-time.After(5 * time.Second):
+		t.Fatal("the backend never finished reading")
+		return nil
+	}
+}
+
+// Behind a hop that accepts PROXY headers from its previous hop only, a
+// client that connects directly to a mail server waits for the greeting
+// before saying anything. It gets the greeting at once, not after the
+// header timeout; a header it sends afterwards is still refused, and the
+// server never sees it. A client whose last words are "PRO" is a direct
+// client too: the server gets them and its answer comes back.
+func TestServerSpeaksFirstToAnUntrustedClient(t *testing.T) {
+	checkLeaks(t)
+	const greeting, farewell = "220 mail.example ESMTP\r\n", "221 bye\r\n"
+	received := make(chan []byte, 4)
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		io.WriteString(c, greeting)
+		b, _ := io.ReadAll(c)
+		received <- b
+		io.WriteString(c, farewell)
+	})
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams":             upstreams(backend.Addr),
+		"accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.2/32"}, "timeout": "5s"},
+	})})
+	tr := processTracker()
+	untrusted := tr.ProxyRejections(layer4chain.ProxyRejectUntrusted)
+	rejected := closedCount(layer4chain.ReasonProxyProtocolRejected)
+
+	readGreeting := func(c net.Conn) {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		buf := make([]byte, len(greeting))
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != greeting {
+			t.Fatalf("greeting %q, %v; want it within 1s (the header timeout is 5s)", buf, err)
+		}
+	}
+
+	spoofer := chaintest.Dial(t, addr)
+	readGreeting(spoofer)
+	hdr, err := layer4chain.ProxyHeader{Version: 1, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:25")}.AppendTo(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := spoofer.Write(append(hdr, "MAIL FROM:<x>\r\n"...)); err != nil {
+		t.Fatal(err)
+	}
+	if rest, elapsed, _ := chaintest.ReadUntilClosed(spoofer, 5*time.Second); len(rest) != 0 || elapsed > 2*time.Second {
+		t.Fatalf("spoofing client read %q, closed after %v", rest, elapsed)
+	}
+	if b := receivedBy(t, received); len(b) != 0 {
+		t.Fatalf("the server received %q of an untrusted header", b)
+	}
+	waitClosedCount(t, layer4chain.ReasonProxyProtocolRejected, rejected+1)
+	if n := tr.ProxyRejections(layer4chain.ProxyRejectUntrusted); n != untrusted+1 {
+		t.Fatalf("untrusted rejections: %d, want %d", n, untrusted+1)
+	}
+
+	short := chaintest.Dial(t, addr)
+	if _, err := io.WriteString(short, "PRO"); err != nil {
+		t.Fatal(err)
+	}
+	short.CloseWrite()
+	if b := receivedBy(t, received); string(b) != "PRO" {
+		t.Fatalf("the server received %q, want PRO then EOF", b)
+	}
+	if all, _, err := chaintest.ReadUntilClosed(short, 5*time.Second); err != nil || string(all) != greeting+farewell {
+		t.Fatalf("client read %q, %v; want the greeting and the farewell", all, err)
+	}
+	waitEmpty(t)
 }
 
 func TestLoopIsClosedByMaxHops(t *testing.T) {

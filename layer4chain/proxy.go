@@ -57,12 +57,11 @@ type ClientMeta struct {
 func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason CloseReason) {
 	r, err := p.Tracker.Admit(p.Scope, p.Limits, meta.Server, addrPortOf(client.RemoteAddr()))
 	if err != nil {
-		reason = ReasonLimitExceeded
+		// Admit counted and reported the refusal.
 		if errors.Is(err, ErrShuttingDown) {
-			reason = ReasonShutdown
+			return ReasonShutdown
 		}
-		p.Tracker.countRefused(reason)
-		return reason
+		return ReasonLimitExceeded
 	}
 	defer func() {
 		p.Tracker.Remove(r, reason)
@@ -99,6 +98,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.chainID, r.hop, r.originalClient = o.chainID, o.hops+1, o.client
 	r.mu.Unlock()
 	if err := p.Tracker.admitClient(r, p.Limits.MaxConnectionsPerClient, o.client.Addr()); err != nil {
+		r.setDetail(err)
 		return ReasonLimitExceeded
 	}
 

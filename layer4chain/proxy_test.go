@@ -211,10 +211,11 @@ func TestAHopBehindAV1HeaderCountsItselfSecond(t *testing.T) {
 // removed record.
 type closedRecords struct{ infos chan RecordInfo }
 
-func (c closedRecords) StateChanged(*Record, State, State)  {}
-func (c closedRecords) Dialed(string, time.Duration, error) {}
-func (c closedRecords) Swept(SweepResult)                   {}
-func (c closedRecords) Closed(r *Record)                    { c.infos <- r.Info() }
+func (c closedRecords) StateChanged(*Record, State, State)                  {}
+func (c closedRecords) Dialed(string, time.Duration, error)                 {}
+func (c closedRecords) Swept(SweepResult)                                   {}
+func (c closedRecords) Closed(r *Record)                                    { c.infos <- r.Info() }
+func (c closedRecords) Refused(string, netip.AddrPort, CloseReason, string) {}
 
 func TestCloseDetailSaysWhatTheReasonCannot(t *testing.T) {
 	for _, tc := range []struct {

@@ -84,15 +84,19 @@ func (r *Record) setLimits(t Timeouts) {
 func (r *Record) State() State { return State(r.state.Load()) }
 
 // setState moves the record forward and keeps the tracker's per-state counts
-// in step with the records.
+// in step with the records. The counts move under the tracker's lock, so a
+// reader holding it (Stats) never sees a record counted twice or not at all.
 func (r *Record) setState(s State) {
+	t := r.tracker
+	t.mu.Lock()
 	old := State(r.state.Swap(uint32(s)))
 	if old != s {
-		r.tracker.stateCounts[old].Add(-1)
-		r.tracker.stateCounts[s].Add(1)
-		if o := r.tracker.Observer; o != nil {
-			o.StateChanged(r, old, s)
-		}
+		t.stateCounts[old].Add(-1)
+		t.stateCounts[s].Add(1)
+	}
+	t.mu.Unlock()
+	if o := t.Observer; o != nil && old != s {
+		o.StateChanged(r, old, s)
 	}
 }
 

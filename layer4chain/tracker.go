@@ -2,6 +2,7 @@ package layer4chain
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"sort"
 	"sync"
@@ -22,6 +23,10 @@ type Observer interface {
 	StateChanged(r *Record, from, to State)
 	// Closed reports a removed record, whose reason is final.
 	Closed(r *Record)
+	// Refused reports a connection refused at admission, which never had
+	// a record: reason is limit_exceeded or shutdown, and detail names the
+	// limit that refused it.
+	Refused(server string, client netip.AddrPort, reason CloseReason, detail string)
 	// Dialed reports one dial attempt and how long it took.
 	Dialed(upstream string, took time.Duration, err error)
 	// Swept reports a finished sweep.
@@ -89,31 +94,36 @@ func NewTracker() *Tracker {
 	}
 }
 
-// Admit creates the record of a new connection in state connecting, or
-// returns ErrLimitExceeded when the tracker's or the scope's connection limit
-// is full. The caller must call Remove exactly once for an admitted record,
-// in a defer.
+// Admit creates the record of a new connection in state connecting. When
+// the tracker drains it returns an error wrapping ErrShuttingDown, and when
+// the tracker's or the scope's connection limit is full one wrapping
+// ErrLimitExceeded and naming the limit. A refused connection is counted
+// (in Total and by close reason, so that Total always equals the live
+// records plus the closed ones) and reported to the Observer. The caller
+// must call Remove exactly once for an admitted record, in a defer.
 func (t *Tracker) Admit(scopeKey string, limits Limits, server string, client netip.AddrPort) (*Record, error) {
-	if t.draining.Load() {
-		return nil, ErrShuttingDown
-	}
 	now := time.Now()
 	r := &Record{Server: server, Client: client, Started: now, tracker: t}
 	r.lastActivity.Store(now.UnixNano())
 
 	t.mu.Lock()
-	if max := t.MaxConnections.Load(); max > 0 && int64(len(t.records)) >= max {
+	if err := t.admissible(scopeKey, limits); err != nil {
+		reason := ReasonLimitExceeded
+		if errors.Is(err, ErrShuttingDown) {
+			reason = ReasonShutdown
+		}
+		t.total.Add(1)
+		counter(&t.closedByReason, reason).Add(1)
 		t.mu.Unlock()
-		return nil, ErrLimitExceeded
+		if t.Observer != nil {
+			t.Observer.Refused(server, client, reason, err.Error())
+		}
+		return nil, err
 	}
 	s := t.scopes[scopeKey]
 	if s == nil {
 		s = &scope{key: scopeKey}
 		t.scopes[scopeKey] = s
-	}
-	if limits.MaxConnections > 0 && s.total >= limits.MaxConnections {
-		t.mu.Unlock()
-		return nil, ErrLimitExceeded
 	}
 	s.total++
 	r.ID = t.nextID.Add(1)
@@ -122,11 +132,25 @@ func (t *Tracker) Admit(scopeKey string, limits Limits, server string, client ne
 		t.empty = make(chan struct{})
 	}
 	t.records[r.ID] = r
-	t.mu.Unlock()
-
 	t.stateCounts[StateConnecting].Add(1)
 	t.total.Add(1)
+	t.mu.Unlock()
 	return r, nil
+}
+
+// admissible says why a new connection of the scope cannot be admitted, or
+// nil when it can. t.mu must be held.
+func (t *Tracker) admissible(scopeKey string, limits Limits) error {
+	if t.draining.Load() {
+		return ErrShuttingDown
+	}
+	if max := t.MaxConnections.Load(); max > 0 && int64(len(t.records)) >= max {
+		return fmt.Errorf("%w: the process's max_connections (%d) is reached", ErrLimitExceeded, max)
+	}
+	if s := t.scopes[scopeKey]; limits.MaxConnections > 0 && s != nil && s.total >= limits.MaxConnections {
+		return fmt.Errorf("%w: the handler's max_connections (%d) is reached", ErrLimitExceeded, limits.MaxConnections)
+	}
+	return nil
 }
 
 // admitClient counts the record against its scope's per-client limit, keyed
@@ -137,7 +161,7 @@ func (t *Tracker) admitClient(r *Record, limit int, ip netip.Addr) error {
 	defer t.mu.Unlock()
 	s := r.scope
 	if limit > 0 && s.perClient[ip] >= limit {
-		return ErrLimitExceeded
+		return fmt.Errorf("%w: max_connections_per_client (%d) is reached for %s", ErrLimitExceeded, limit, ip)
 	}
 	if s.perClient == nil {
 		s.perClient = make(map[netip.Addr]int)
@@ -223,7 +247,7 @@ func (t *Tracker) Records() []*Record {
 // CountInState returns how many live records are in state s.
 func (t *Tracker) CountInState(s State) int64 { return t.stateCounts[s].Load() }
 
-// Total returns how many connections were ever admitted.
+// Total returns how many connections arrived, refused ones included.
 func (t *Tracker) Total() int64 { return t.total.Load() }
 
 // Closed returns how many connections closed with the given reason.
@@ -238,9 +262,6 @@ func (t *Tracker) DialFailures(reason CloseReason) int64 {
 func (t *Tracker) ProxyRejections(reason ProxyRejectReason) int64 {
 	return counter(&t.proxyRejections, reason).Load()
 }
-
-// countRefused counts a connection refused at admission (no record exists).
-func (t *Tracker) countRefused(reason CloseReason) { counter(&t.closedByReason, reason).Add(1) }
 
 // ReportDial counts a failed dial attempt by reason and tells the Observer
 // about every attempt; it fits Dialer.OnAttempt.
@@ -379,7 +400,9 @@ type Stats struct {
 	Active map[State]int64 `json:"active"`
 	// ActiveTotal counts all live connections.
 	ActiveTotal int64 `json:"active_total"`
-	// ConnectionsTotal counts connections admitted since the process started.
+	// ConnectionsTotal counts connections since the process started, those
+	// refused at admission included, so that it always equals ActiveTotal
+	// plus the sum of Closed.
 	ConnectionsTotal int64 `json:"connections_total"`
 	// Closed counts closed connections by close reason.
 	Closed map[CloseReason]int64 `json:"closed"`
@@ -407,11 +430,15 @@ func (t *Tracker) Stats() Stats {
 		Closed:                make(map[CloseReason]int64, len(CloseReasons)),
 		DialFailures:          make(map[CloseReason]int64, 3),
 		ProxyProtocolRejected: make(map[ProxyRejectReason]int64, len(ProxyRejectReasons)),
-		ConnectionsTotal:      t.total.Load(),
 		Sweeps:                t.sweeps.Load(),
 		ZombiesReaped:         t.zombies.Load(),
 		Draining:              t.draining.Load(),
 	}
+	// Admission, state changes and removal move these counts under t.mu,
+	// so reading them under it keeps ConnectionsTotal = ActiveTotal + the
+	// sum of Closed exact at every read.
+	t.mu.Lock()
+	st.ConnectionsTotal = t.total.Load()
 	for _, s := range States {
 		n := t.CountInState(s)
 		st.Active[s] = n
@@ -420,6 +447,7 @@ func (t *Tracker) Stats() Stats {
 	for _, r := range CloseReasons {
 		st.Closed[r] = t.Closed(r)
 	}
+	t.mu.Unlock()
 	for _, r := range []CloseReason{ReasonConnectTimeout, ReasonConnectRefused, ReasonConnectFailed} {
 		st.DialFailures[r] = t.DialFailures(r)
 	}

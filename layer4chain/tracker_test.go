@@ -3,6 +3,7 @@ package layer4chain
 import (
 	"errors"
 	"net/netip"
+	"sync"
 	"testing"
 )
 
@@ -124,5 +125,101 @@ func TestParseStateRoundTrips(t *testing.T) {
 	}
 	if _, err := ParseState("open"); err == nil {
 		t.Fatal("ParseState accepted an unknown state")
+	}
+}
+
+// refusals is an Observer that keeps what Refused reports.
+type refusals struct {
+	closedRecords // its Closed is shadowed below: only refusals are kept
+	ch            chan string
+}
+
+func (refusals) Closed(*Record) {}
+
+func (r refusals) Refused(server string, _ netip.AddrPort, reason CloseReason, detail string) {
+	r.ch <- string(reason) + ": " + detail
+}
+
+func TestRefusedConnectionsAreReportedAndCountedAsArrivals(t *testing.T) {
+	tr := NewTracker()
+	obs := refusals{ch: make(chan string, 3)}
+	tr.Observer = obs
+	tr.MaxConnections.Store(1)
+	a, err := tr.Admit("s", Limits{MaxConnections: 5}, "srv", client1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tr.Admit("s", Limits{}, "srv", client1); !errors.Is(err, ErrLimitExceeded) {
+		t.Fatalf("admission past the process limit: %v", err)
+	}
+	if got := <-obs.ch; got != "limit_exceeded: connection limit exceeded: the process's max_connections (1) is reached" {
+		t.Fatalf("refusal reported as %q", got)
+	}
+	tr.MaxConnections.Store(0)
+	if _, err := tr.Admit("t", Limits{MaxConnections: 1}, "srv", client1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tr.Admit("t", Limits{MaxConnections: 1}, "srv", client1); err == nil {
+		t.Fatal("admission past the handler limit succeeded")
+	}
+	if got := <-obs.ch; got != "limit_exceeded: connection limit exceeded: the handler's max_connections (1) is reached" {
+		t.Fatalf("refusal reported as %q", got)
+	}
+	tr.draining.Store(true)
+	if _, err := tr.Admit("s", Limits{}, "srv", client1); !errors.Is(err, ErrShuttingDown) {
+		t.Fatalf("admission while draining: %v", err)
+	}
+	if got := <-obs.ch; got != "shutdown: shutting down" {
+		t.Fatalf("refusal reported as %q", got)
+	}
+	tr.Remove(a, ReasonClientClosed)
+	st := tr.Stats()
+	if st.ConnectionsTotal != 5 || st.ActiveTotal != 1 || st.Closed[ReasonLimitExceeded] != 2 ||
+		st.Closed[ReasonShutdown] != 1 || st.Closed[ReasonClientClosed] != 1 {
+		t.Fatalf("stats after 2 admitted (1 closed) and 3 refused: %+v", st)
+	}
+}
+
+// TestArrivalsEqualLiveAndClosedAtEveryRead reads the stats while
+// connections are admitted, refused, moved through their states and removed
+// at once: connections_total = active + closed must hold at every read.
+func TestArrivalsEqualLiveAndClosedAtEveryRead(t *testing.T) {
+	tr := NewTracker()
+	tr.MaxConnections.Store(3)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 500; i++ {
+				r, err := tr.Admit("s", Limits{}, "", client1)
+				if err != nil {
+					continue
+				}
+				r.setState(StateEstablished)
+				r.setState(StateHalfClosed)
+				tr.Remove(r, ReasonClientClosed)
+			}
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	for reads := 0; ; reads++ {
+		st := tr.Stats()
+		var closed int64
+		for _, n := range st.Closed {
+			closed += n
+		}
+		if st.ConnectionsTotal != st.ActiveTotal+closed {
+			t.Fatalf("read %d: connections_total %d != active %d + closed %d", reads, st.ConnectionsTotal, st.ActiveTotal, closed)
+		}
+		select {
+		case <-done:
+			if st := tr.Stats(); st.ConnectionsTotal != 4000 || st.Closed[ReasonLimitExceeded] == 0 {
+				t.Fatalf("after the burst: total %d, refused %d; want 4000 and some refusals", st.ConnectionsTotal, st.Closed[ReasonLimitExceeded])
+			}
+			return
+		default:
+		}
 	}
 }

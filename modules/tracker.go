@@ -1,12 +1,14 @@
 package modules
 
 import (
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+	"golang.org/x/time/rate"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 )
@@ -27,24 +29,78 @@ func processTracker() *layer4chain.Tracker {
 	return tracker
 }
 
-// observer turns the tracker's events into logs and metrics. It asks for
-// Caddy's current logger each time, so lines follow the logging config of
-// the latest reload even for a connection an older config accepted.
+// observer turns the tracker's events into logs and metrics.
 type observer struct{}
 
-// namedLogger caches caddy.Log().Named("layer4chain"): naming a logger
-// allocates, and this runs several times per connection. The cache follows
-// caddy.Log(), which a config load replaces.
-var namedLogger atomic.Pointer[struct{ base, named *zap.Logger }]
+// appLogger is the logger Caddy handed the layer4chain app of the config
+// that started last, so that lines follow the logging config of the latest
+// reload (its outputs, include and exclude), even for a connection an older
+// config accepted. Caddy routes a module's lines to custom logs only
+// through the logger it hands that module; caddy.Log() is the default log
+// alone.
+var appLogger atomic.Pointer[zap.Logger]
+
+// fallbackLogger caches caddy.Log().Named("layer4chain") for the moments no
+// app runs (tests of the handler alone): naming a logger allocates. The
+// cache follows caddy.Log(), which a config load replaces.
+var fallbackLogger atomic.Pointer[struct{ base, named *zap.Logger }]
 
 func logger() *zap.Logger {
+	if l := appLogger.Load(); l != nil {
+		return l
+	}
 	base := caddy.Log()
-	if c := namedLogger.Load(); c != nil && c.base == base {
+	if c := fallbackLogger.Load(); c != nil && c.base == base {
 		return c.named
 	}
 	named := base.Named("layer4chain")
-	namedLogger.Store(&struct{ base, named *zap.Logger }{base, named})
+	fallbackLogger.Store(&struct{ base, named *zap.Logger }{base, named})
 	return named
+}
+
+// Refusals at admission are logged at most refusalLogRate lines a second
+// (with bursts of refusalLogBurst), so a flood cannot turn into a flood of
+// log lines; the lines left out are counted and reported in the next line
+// that is written, or by the next sweep.
+const (
+	refusalLogRate  = 10
+	refusalLogBurst = 20
+)
+
+var refusalLog = struct {
+	limiter    *rate.Limiter
+	suppressed atomic.Int64
+}{limiter: rate.NewLimiter(refusalLogRate, refusalLogBurst)}
+
+// Refused writes a line for a connection refused at admission, naming the
+// limit that refused it.
+func (observer) Refused(server string, client netip.AddrPort, reason layer4chain.CloseReason, detail string) {
+	ce := logger().Check(zap.WarnLevel, "connection refused")
+	if ce == nil {
+		return
+	}
+	if !refusalLog.limiter.Allow() {
+		refusalLog.suppressed.Add(1)
+		return
+	}
+	fields := []zap.Field{
+		zap.String("server", server),
+		zap.String("client", client.String()),
+		zap.String("reason", string(reason)),
+		zap.String("detail", detail),
+	}
+	if n := refusalLog.suppressed.Swap(0); n > 0 {
+		fields = append(fields, zap.Int64("suppressed", n))
+	}
+	ce.Write(fields...)
+}
+
+// reportSuppressedRefusals writes how many refusal lines the rate limit
+// left out since the last line, if any.
+func reportSuppressedRefusals() {
+	if n := refusalLog.suppressed.Swap(0); n > 0 {
+		logger().Warn("refused connections not logged one by one", zap.Int64("suppressed", n))
+	}
 }
 
 // StateChanged writes a debug line per state change.
@@ -63,6 +119,7 @@ func (observer) Dialed(upstream string, took time.Duration, err error) {
 // zombie is a bug.
 func (observer) Swept(res layer4chain.SweepResult) {
 	metrics.sweepDuration.Observe(res.Took.Seconds())
+	reportSuppressedRefusals()
 	if res.Zombies > 0 {
 		logger().Error("sweep reaped zombie records", zap.Int("zombies", res.Zombies))
 	}

@@ -371,7 +371,7 @@ func (r *Record) overdue(now int64) (CloseReason, bool) {
 // or grace has passed, then closes the rest with reason shutdown and waits
 // (at most wait more) for their removal. It returns how many it closed.
 func (t *Tracker) Drain(grace, wait time.Duration) int {
-	t.draining.Store(true)
+	t.StopAdmitting()
 	timer := time.NewTimer(grace)
 	defer timer.Stop()
 	select {
@@ -391,7 +391,11 @@ func (t *Tracker) Drain(grace, wait time.Duration) int {
 	return len(left)
 }
 
-// Draining reports whether Drain has started.
+// StopAdmitting refuses every later connection (reason shutdown); Drain
+// does it first. Calling it again is harmless.
+func (t *Tracker) StopAdmitting() { t.draining.Store(true) }
+
+// Draining reports whether the tracker stopped admitting connections.
 func (t *Tracker) Draining() bool { return t.draining.Load() }
 
 // Stats is a snapshot of the tracker's counts, for the admin API.

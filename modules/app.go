@@ -2,9 +2,13 @@ package modules
 
 import (
 	"fmt"
+	"math"
+	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
@@ -34,24 +38,40 @@ const (
 type App struct {
 	// SweepInterval is how often the sweep runs: it closes connections past
 	// a limit that no deadline enforced, and reaps zombie records (which
-	// must never exist). Default: 1s.
+	// must never exist). Default: 1s. It cannot be off.
 	SweepInterval caddy.Duration `json:"sweep_interval,omitempty"`
 
 	// ShutdownGrace is how long the process waits, when it shuts down
 	// (`caddy stop`, SIGTERM), for connections to end by themselves before
-	// it closes the rest with reason shutdown. New connections are refused
-	// while it waits. A config reload is never a shutdown. Default: 30s.
+	// it closes the rest with reason shutdown. The drain first stops the
+	// layer4 listeners, so new connections go to a replacement process
+	// bound to the same port, or are refused when there is none. A config
+	// reload is never a shutdown. Default: 30s. It cannot be off.
 	ShutdownGrace caddy.Duration `json:"shutdown_grace,omitempty"`
 
 	// MaxConnections caps the connections of all `chain` handlers of the
 	// process together; more are closed at once (reason limit_exceeded).
-	// Default: 0, no limit.
+	// Default (absent or 0): derived from the process's file limit
+	// (RLIMIT_NOFILE, `ulimit -n`), so that proxied connections, two file
+	// descriptors each, can never exhaust it: caddy-l4 stops accepting on a
+	// listener for good when accept(2) fails with EMFILE. -1 switches the
+	// limit off.
 	MaxConnections int `json:"max_connections,omitempty"`
 
 	tracker *layer4chain.Tracker
+	ctx     caddy.Context
 	logger  *zap.Logger
+	limit   connectionLimit
 	stop    chan struct{}
 	stopped chan struct{}
+}
+
+// connectionLimit is the process-wide connection limit a config asks for,
+// and where it comes from.
+type connectionLimit struct {
+	max    int    // 0: no limit
+	source string // "max_connections", "RLIMIT_NOFILE" or "none"
+	nofile uint64 // the file limit, 0 when unknown
 }
 
 // CaddyModule returns the Caddy module information.
@@ -62,35 +82,67 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision fills defaults, applies the limits to the tracker and registers
-// the metrics in this config's registry.
+// Provision checks the config, fills defaults, works out the connection
+// limit and registers the metrics in this config's registry. It changes
+// nothing the running config uses: Start applies the limit.
 func (a *App) Provision(ctx caddy.Context) error {
+	a.ctx = ctx
 	a.logger = ctx.Logger()
-	if a.SweepInterval < 0 {
-		return fmt.Errorf("sweep_interval: must not be negative, got %s", time.Duration(a.SweepInterval))
+	if err := checkDuration("sweep_interval", a.SweepInterval, whySweepIntervalOn); err != nil {
+		return err
 	}
-	if a.ShutdownGrace < 0 {
-		return fmt.Errorf("shutdown_grace: must not be negative, got %s", time.Duration(a.ShutdownGrace))
+	if err := checkDuration("shutdown_grace", a.ShutdownGrace, whyShutdownGraceOn); err != nil {
+		return err
 	}
-	if a.MaxConnections < 0 {
-		return fmt.Errorf("max_connections: must not be negative, got %d", a.MaxConnections)
+	if err := checkLimit("max_connections", a.MaxConnections, "", 0); err != nil {
+		return err
 	}
-	if a.SweepInterval == 0 {
-		a.SweepInterval = caddy.Duration(defaultSweepInterval)
-	}
-	if a.ShutdownGrace == 0 {
-		a.ShutdownGrace = caddy.Duration(defaultShutdownGrace)
-	}
+	a.SweepInterval = caddy.Duration(resolveDuration(a.SweepInterval, defaultSweepInterval))
+	a.ShutdownGrace = caddy.Duration(resolveDuration(a.ShutdownGrace, defaultShutdownGrace))
+	a.limit = a.connectionLimit()
 	a.tracker = processTracker()
-	a.tracker.MaxConnections.Store(int64(a.MaxConnections))
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
 	}
 	return nil
 }
 
-// Start runs the sweeps.
+// connectionLimit resolves MaxConnections against the file limit.
+func (a *App) connectionLimit() connectionLimit {
+	nofile, known := layer4chain.FileLimit()
+	derived := 0
+	if known {
+		derived = layer4chain.ConnectionLimitForFiles(nofile)
+	}
+	l := connectionLimit{max: resolveLimit(a.MaxConnections, derived), nofile: nofile}
+	switch {
+	case a.MaxConnections > 0:
+		l.source = "max_connections"
+	case l.max > 0:
+		l.source = "RLIMIT_NOFILE"
+	default:
+		l.source = "none"
+	}
+	return l
+}
+
+// Start applies the connection limit, makes this config's logger the one
+// connection lines go through, and runs the sweeps.
 func (a *App) Start() error {
+	a.tracker.MaxConnections.Store(int64(a.limit.max))
+	fields := []zap.Field{zap.Int("max_connections", a.limit.max), zap.String("source", a.limit.source)}
+	if a.limit.nofile > 0 {
+		fields = append(fields, zap.Uint64("rlimit_nofile", a.limit.nofile))
+	}
+	a.logger.Info("connection limit", fields...)
+	if derived := layer4chain.ConnectionLimitForFiles(a.limit.nofile); a.limit.nofile > 0 && derived > 0 &&
+		(a.limit.max == 0 || a.limit.max > derived) {
+		a.logger.Warn("the connection limit lets proxied connections exhaust the file limit; "+
+			"a listener whose accept fails with EMFILE stops accepting until the next reload",
+			append(fields, zap.Int("safe_max_connections", derived))...)
+	}
+	appLogger.Store(a.logger)
+
 	a.stop, a.stopped = make(chan struct{}), make(chan struct{})
 	go a.sweep(time.Duration(a.SweepInterval))
 	return nil
@@ -111,25 +163,105 @@ func (a *App) sweep(interval time.Duration) {
 }
 
 // Stop ends the sweeps. When the process is exiting it also drains: it
-// waits up to ShutdownGrace for connections to end, then closes the rest.
-// On a reload it returns at once, leaving connections to the handlers that
-// accepted them.
+// stops the layer4 listeners at once, waits up to ShutdownGrace for
+// connections to end, then closes the rest. On a reload it returns at once,
+// leaving connections to the handlers that accepted them.
 func (a *App) Stop() error {
 	if a.stop != nil {
 		close(a.stop)
 		<-a.stopped
 		a.stop = nil
 	}
+	// A config started after this one has taken over the log; if none
+	// did, lines go back to Caddy's default log rather than to outputs
+	// this config is about to close.
+	defer appLogger.CompareAndSwap(a.logger, nil)
 	if !caddy.Exiting() {
 		return nil
 	}
+	a.tracker.StopAdmitting()
 	grace := time.Duration(a.ShutdownGrace)
-	a.logger.Info("draining connections", zap.Int("connections", a.tracker.Len()), zap.Duration("grace", grace))
+	unbound, err := a.unbind()
+	if err != nil {
+		a.logger.Warn("could not stop the layer4 listeners; they stay open until the layer4 app stops", zap.Error(err))
+	}
+	a.logger.Info("draining connections", zap.Int("connections", a.tracker.Len()),
+		zap.Duration("grace", grace), zap.Int("listeners_stopped", unbound))
 	if closed := a.tracker.Drain(grace, drainWait); closed > 0 {
 		a.logger.Warn("closed connections still open after the shutdown grace",
 			zap.Int("connections", closed), zap.String("reason", string(layer4chain.ReasonShutdown)))
 	}
 	return nil
+}
+
+// unbind stops the listening sockets of the layer4 app, so that, whatever
+// order Caddy stops its apps in, a drain never accepts a connection only to
+// refuse it: with SO_REUSEPORT a replacement process on the same port gets
+// every new connection, and without one new connections are refused.
+func (a *App) unbind() (int, error) {
+	app, err := a.ctx.AppIfConfigured("layer4")
+	if err != nil {
+		return 0, nil // no layer4 app, no listeners
+	}
+	l4, ok := app.(*layer4.App)
+	if !ok {
+		return 0, fmt.Errorf("the layer4 app is a %T", app)
+	}
+	addrs, err := listenAddrs(l4)
+	if err != nil {
+		return 0, err
+	}
+	return layer4chain.ShutdownListeners(func(local netip.AddrPort) bool {
+		for _, na := range addrs {
+			if matchesListenAddr(na, local) {
+				return true
+			}
+		}
+		return false
+	})
+}
+
+// listenAddrs returns the stream listen addresses of every layer4 server,
+// placeholders replaced as caddy-l4 replaces them.
+func listenAddrs(l4 *layer4.App) ([]caddy.NetworkAddress, error) {
+	repl := caddy.NewReplacer()
+	var out []caddy.NetworkAddress
+	for name, srv := range l4.Servers {
+		for _, s := range srv.Listen {
+			na, err := caddy.ParseNetworkAddress(repl.ReplaceAll(s, ""))
+			if err != nil {
+				return nil, fmt.Errorf("layer4 server %s: %w", name, err)
+			}
+			if n := na.Network; n != "" && !strings.HasPrefix(n, "tcp") {
+				continue // datagram, unix and fd listeners
+			}
+			out = append(out, na)
+		}
+	}
+	return out, nil
+}
+
+// matchesListenAddr says whether a socket bound to local serves the listen
+// address na: same port range, and the same IP unless na's host is empty
+// (all addresses) or a name.
+func matchesListenAddr(na caddy.NetworkAddress, local netip.AddrPort) bool {
+	if p := uint(local.Port()); p < na.StartPort || p > max(na.EndPort, na.StartPort) {
+		return false
+	}
+	ip, err := netip.ParseAddr(na.Host)
+	if err != nil || ip.IsUnspecified() {
+		return true
+	}
+	return ip.Unmap() == local.Addr().Unmap()
+}
+
+// connectionLimitMetric is the process's connection limit as the metric
+// reports it: +Inf when there is none.
+func connectionLimitMetric(max int64) float64 {
+	if max <= 0 {
+		return math.Inf(1)
+	}
+	return float64(max)
 }
 
 // Interface guards

@@ -44,7 +44,7 @@ var (
 	descActive = prometheus.NewDesc(namespace+"_connections_active",
 		"Live connections by state.", []string{"state"}, nil)
 	descTotal = prometheus.NewDesc(namespace+"_connections_total",
-		"Connections admitted since the process started.", nil, nil)
+		"Connections since the process started, refused ones included: always the sum of connections_active and connections_closed_total.", nil, nil)
 	descClosed = prometheus.NewDesc(namespace+"_connections_closed_total",
 		"Closed connections by close reason.", []string{"reason"}, nil)
 	descDialFailures = prometheus.NewDesc(namespace+"_dial_failures_total",
@@ -57,11 +57,13 @@ var (
 		"Sweeps of the connection records.", nil, nil)
 	descZombies = prometheus.NewDesc(namespace+"_zombies_reaped_total",
 		"Records reaped by a sweep after both their sockets had closed; anything but 0 is a bug.", nil, nil)
+	descLimit = prometheus.NewDesc(namespace+"_connection_limit",
+		"The process's limit on live connections (app max_connections, by default derived from RLIMIT_NOFILE); +Inf when there is none.", nil, nil)
 )
 
 // Describe sends the descriptors of every metric Collect emits.
 func (trackerCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descActive, descTotal, descClosed, descDialFailures, descBytes, descRejected, descSweeps, descZombies} {
+	for _, d := range []*prometheus.Desc{descActive, descTotal, descClosed, descDialFailures, descBytes, descRejected, descSweeps, descZombies, descLimit} {
 		ch <- d
 	}
 }
@@ -86,6 +88,7 @@ func (trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descSweeps, prometheus.CounterValue, float64(st.Sweeps))
 	ch <- prometheus.MustNewConstMetric(descZombies, prometheus.CounterValue, float64(st.ZombiesReaped))
+	ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, connectionLimitMetric(processTracker().MaxConnections.Load()))
 }
 
 var registerMu sync.Mutex

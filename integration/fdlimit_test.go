@@ -2,6 +2,7 @@ package integration
 
 import (
 	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -49,12 +50,26 @@ func TestOverloadUnderALowFileLimitIsRefusedAndTheListenerLives(t *testing.T) {
 		!strings.Contains(grepLines(string(limits), "Max open files"), fmt.Sprintf(" %d ", fileLimit)) {
 		t.Fatalf("caddy does not run under %d files (%v):\n%s", fileLimit, err, limits)
 	}
+	// The admin endpoint listens before the apps start: wait for all of them.
+	p.waitOutput(t, "serving initial configuration", 10*time.Second)
 	limit, found := connectionLimit(t, adminAddr)
 	if !found {
 		t.Error("no caddy_layer4chain_connection_limit metric")
 		limit = fileLimit / 2
 	} else if limit <= 0 || limit >= fileLimit/2 {
 		t.Errorf("caddy_layer4chain_connection_limit is %d under %d files; each connection takes two", limit, fileLimit)
+	}
+	// The operator sees the same limit, and where it comes from, at start.
+	var logged struct {
+		MaxConnections int64  `json:"max_connections"`
+		Source         string `json:"source"`
+		RlimitNofile   int64  `json:"rlimit_nofile"`
+	}
+	if line := logLine(p, "connection limit"); line == "" {
+		t.Error("no connection limit line in the log at start")
+	} else if err := json.Unmarshal([]byte(line), &logged); err != nil || logged.MaxConnections != limit ||
+		logged.Source != "RLIMIT_NOFILE" || logged.RlimitNofile != fileLimit {
+		t.Errorf("the log at start says %s (%v), the metric %d", line, err, limit)
 	}
 
 	// Hold the clients open, a few dialers at a time. A client is served
@@ -141,6 +156,19 @@ func TestOverloadUnderALowFileLimitIsRefusedAndTheListenerLives(t *testing.T) {
 	if len(failed) > 0 {
 		t.Errorf("%d of 10 new clients failed after the overload:\n%s", len(failed), strings.Join(failed, "\n"))
 	}
+}
+
+// logLine returns the first JSON log line of the process with message msg.
+func logLine(p *process, msg string) string {
+	for _, line := range strings.Split(p.output.String(), "\n") {
+		var entry struct {
+			Msg string `json:"msg"`
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil && entry.Msg == msg {
+			return line
+		}
+	}
+	return ""
 }
 
 func isTimeout(err error) bool {

@@ -185,16 +185,29 @@ func TestRefusedConnectionsAreReportedAndCountedAsArrivals(t *testing.T) {
 // at once: connections_total = active + closed must hold at every read.
 func TestArrivalsEqualLiveAndClosedAtEveryRead(t *testing.T) {
 	tr := NewTracker()
-	tr.MaxConnections.Store(3)
+	// Scope "full" holds its only place for the whole test, so every
+	// admission to it is refused; scope "free" admits all.
+	full := Limits{MaxConnections: 1}
+	held, err := tr.Admit("full", full, "", client1)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var wg sync.WaitGroup
 	for w := 0; w < 8; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for i := 0; i < 500; i++ {
-				r, err := tr.Admit("s", Limits{}, "", client1)
-				if err != nil {
+				if w%2 == 0 {
+					if _, err := tr.Admit("full", full, "", client1); err == nil {
+						t.Error("admitted past a full scope")
+					}
 					continue
+				}
+				r, err := tr.Admit("free", Limits{}, "", client1)
+				if err != nil {
+					t.Error(err)
+					return
 				}
 				r.setState(StateEstablished)
 				r.setState(StateHalfClosed)
@@ -215,9 +228,11 @@ func TestArrivalsEqualLiveAndClosedAtEveryRead(t *testing.T) {
 		}
 		select {
 		case <-done:
-			if st := tr.Stats(); st.ConnectionsTotal != 4000 || st.Closed[ReasonLimitExceeded] == 0 {
-				t.Fatalf("after the burst: total %d, refused %d; want 4000 and some refusals", st.ConnectionsTotal, st.Closed[ReasonLimitExceeded])
+			st := tr.Stats()
+			if st.ConnectionsTotal != 4001 || st.Closed[ReasonLimitExceeded] != 2000 || st.ActiveTotal != 1 {
+				t.Fatalf("after the burst: %+v; want 4001 arrivals, 2000 refused, 1 live", st)
 			}
+			tr.Remove(held, ReasonClientClosed)
 			return
 		default:
 		}

@@ -349,3 +349,49 @@ func TestSilentScreenedClientsHoldNoCopyBuffer(t *testing.T) {
 	}
 	t.Logf("%d bytes of heap per silent connection (hop, client and backend)", perConn)
 }
+
+// The screen decides the same whatever the reads' sizes, and holds nothing
+// but a signature's prefix.
+func TestScreenDecidesAlikeForAnySplit(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want verdict
+	}{
+		{"", verdictHold},
+		{"PRO", verdictHold},
+		{"PROXY", verdictHold},
+		{"PROXY ", verdictReject},
+		{"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n", verdictReject},
+		{"PROXYX", verdictForward},
+		{"PRIVMSG #x\r\n", verdictForward},
+		{v2Sig[:11], verdictHold},
+		{v2Sig, verdictReject},
+		{v2Sig[:11] + "X", verdictForward},
+		{"\r\n\r\nhello", verdictForward},
+		{"\x16\x03\x01", verdictForward},
+	} {
+		for split := 0; split <= len(tc.in); split++ {
+			s := &screen{timeout: time.Second}
+			now := time.Now()
+			got := s.next([]byte(tc.in[:split]), now)
+			if got == verdictHold {
+				got = s.next([]byte(tc.in[split:]), now.Add(time.Millisecond))
+			}
+			if got != tc.want {
+				t.Fatalf("%q split at %d: verdict %d, want %d", tc.in, split, got, tc.want)
+			}
+			if got == verdictHold {
+				if string(s.heldBytes()) != tc.in {
+					t.Fatalf("%q split at %d: held %q", tc.in, split, s.heldBytes())
+				}
+				// The deadline runs from the first held byte.
+				if len(tc.in) > 0 && split > 0 && !s.deadline().Equal(now.Add(time.Second)) {
+					t.Fatalf("%q split at %d: deadline %v, want a second after the first byte", tc.in, split, s.deadline().Sub(now))
+				}
+				if len(tc.in) == 0 && !s.deadline().IsZero() {
+					t.Fatal("a deadline with nothing held")
+				}
+			}
+		}
+	}
+}

@@ -90,9 +90,11 @@ type Handler struct {
 	ProxyProtocol string `json:"proxy_protocol,omitempty"`
 
 	// AcceptProxyProtocol, if set, reads a PROXY protocol header (v1 or v2)
-	// from the previous hop. Only peers in its allow list are trusted; a
-	// header from any other peer, a malformed or a slow header closes the
-	// connection (close reason proxy_protocol_rejected).
+	// from the previous hop. Peers in its allow list are trusted and must
+	// send one; a malformed or slow header from them closes the connection
+	// before any dial (close reason proxy_protocol_rejected). Any other peer
+	// is a direct client, dialed at once; a PROXY header it sends is refused
+	// the same way, and none of it reaches the upstream.
 	AcceptProxyProtocol *AcceptProxyProtocol `json:"accept_proxy_protocol,omitempty"`
 
 	// MaxHops closes a connection whose incoming hop count (from a PROXY v2
@@ -190,16 +192,19 @@ type Selection struct {
 // AcceptProxyProtocol configures reading PROXY headers from previous hops.
 type AcceptProxyProtocol struct {
 	// Allow lists the peers (CIDRs or single IPs) whose PROXY headers are
-	// trusted; a trusted peer must send one. Required: an empty list would
-	// trust nobody. A prefix of length 0 (0.0.0.0/0, ::/0) trusts every
-	// peer, so any client could forge its address; it loads with a warning. A peer outside the list that
-	// sends a header is rejected; one that sends anything else is served
-	// as a direct client (a client that waits for the server to speak
-	// first is served once Timeout has passed without a byte).
+	// trusted. Required: an empty list would trust nobody. A trusted peer
+	// must send a header; one that sends nothing is rejected (timeout) once
+	// Timeout has passed. A peer outside the list is served as a direct
+	// client without waiting, so protocols where the server speaks first
+	// work; its first bytes are screened: a PROXY header is rejected
+	// (untrusted), and bytes that start like one are held until decided. A
+	// prefix of length 0 (0.0.0.0/0, ::/0) trusts every peer, so any client
+	// could forge its address; it loads with a warning.
 	Allow []string `json:"allow,omitempty"`
 
-	// Timeout bounds how long a header may take to arrive whole.
-	// Absent or 0: 3s. It cannot be switched off: a peer that never
+	// Timeout bounds how long a trusted peer's header may take to arrive
+	// whole, and how long an untrusted peer's bytes that start like a
+	// PROXY signature may stay undecided. Absent or 0: 3s. It cannot be switched off: a peer that never
 	// finishes its header would hold the connection forever. At least 1ms.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
 }

@@ -169,31 +169,139 @@ func TestOffAdaptsToMinusOne(t *testing.T) {
 	}
 }
 
-// TestProxyOptionsChainLacksSayWhatToUse: an operator who brings
-// caddy-l4's proxy options is told what governs the same thing here.
+// TestProxyOptionsChainLacksSayWhatToUse: an operator who brings an
+// option chain does not have is told what to use instead.
 func TestProxyOptionsChainLacksSayWhatToUse(t *testing.T) {
-	const (
-		health  = "upstream health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
-		passive = "passive health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
-	)
 	for option, want := range map[string]string{
-		"lb_try_duration 5s":           "option 'lb_try_duration': not supported yet; use lb_tries and connect_timeout to bound failover",
-		"lb_try_interval 250ms":        "option 'lb_try_interval': not supported yet; chain fails over to the next upstream at once, lb_tries bounds the attempts",
-		"health_interval 10s":          "option 'health_interval': " + health,
-		"health_port 8080":             "option 'health_port': " + health,
-		"health_timeout 2s":            "option 'health_timeout': " + health,
-		"health_fall 3":                "option 'health_fall': " + health,
-		"health_rise 2":                "option 'health_rise': " + health,
-		"health_uri /health":           "option 'health_uri': " + health,
-		"close_if_unhealthy":           "option 'close_if_unhealthy': " + health,
-		"fail_duration 30s":            "option 'fail_duration': " + passive,
-		"max_fails 3":                  "option 'max_fails': " + passive,
-		"unhealthy_connection_count 5": "option 'unhealthy_connection_count': " + passive,
+		"health_uri /health": "option 'health_uri': chain's active health checks are TCP connects (with a PROXY v2 LOCAL header when proxy_protocol is set), not HTTP requests; use health_port, health_interval and health_timeout, at Caddyfile:6",
+		"upstream 127.0.0.1:7003 {\n\t\t\t\t\t\ttls\n\t\t\t\t\t}": "option 'tls': TLS to the next hop is not supported yet; chain forwards the client's bytes as they are, so a TLS stream passes through end to end, at Caddyfile:7",
 	} {
 		_, err := adapt(t, "Caddyfile", []byte(wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\t"+option+"\n\t\t\t\t}")))
-		if want += ", at Caddyfile:6"; err == nil || !strings.Contains(err.Error(), want) {
+		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: error %v, want it to contain %q", option, err, want)
 		}
+	}
+}
+
+// handlerJSON adapts a chain directive and returns its handler's JSON,
+// compact, keys sorted.
+func handlerJSON(t *testing.T, chain string) string {
+	t.Helper()
+	got, err := adapt(t, "Caddyfile", []byte(wrap(chain)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		Apps struct {
+			Layer4 struct {
+				Servers map[string]struct {
+					Routes []struct{ Handle []map[string]any }
+				}
+			}
+		}
+	}
+	if err := json.Unmarshal([]byte(got), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(cfg.Apps.Layer4.Servers["srv0"].Routes[0].Handle[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestHealthAndRetryOptionsAdapt: caddy-l4's option names land in
+// caddy-l4's JSON places; close_if_unhealthy applies to both kinds of
+// check when both are on.
+func TestHealthAndRetryOptionsAdapt(t *testing.T) {
+	got := handlerJSON(t, `chain 127.0.0.1:7002 {
+					fail_duration 30s
+					max_fails 3
+					unhealthy_connection_count 100
+					health_port 9000
+					health_interval 10s
+					health_timeout 2s
+					health_fall 3
+					health_rise 2
+					close_if_unhealthy
+					lb_try_duration 5s
+					lb_try_interval 100ms
+				}`)
+	want := `{"handler":"chain",` +
+		`"health_checks":{"active":{"close_if_unhealthy":true,"fall":3,"interval":10000000000,"port":9000,"rise":2,"timeout":2000000000},` +
+		`"passive":{"close_if_unhealthy":true,"fail_duration":30000000000,"max_fails":3,"unhealthy_connection_count":100}},` +
+		`"load_balancing":{"try_duration":5000000000,"try_interval":100000000},` +
+		`"upstreams":[{"dial":["127.0.0.1:7002"]}]}`
+	if got != want {
+		t.Fatalf("handler:\n got %s\nwant %s", got, want)
+	}
+}
+
+// TestCloseIfUnhealthyFollowsTheChecksThatAreOn: with only the circuit
+// breaker on, close_if_unhealthy must not switch active checks on (an
+// active object is what switches them on), and the reverse.
+func TestCloseIfUnhealthyFollowsTheChecksThatAreOn(t *testing.T) {
+	for _, tc := range []struct{ options, want string }{
+		{"fail_duration 10s\n\t\t\t\t\tclose_if_unhealthy",
+			`"health_checks":{"passive":{"close_if_unhealthy":true,"fail_duration":10000000000}}`},
+		{"close_if_unhealthy\n\t\t\t\t\thealth_interval 5s",
+			`"health_checks":{"active":{"close_if_unhealthy":true,"interval":5000000000}}`},
+		// unhealthy_connection_count alone opens no circuit: only the
+		// active side gets close_if_unhealthy.
+		{"unhealthy_connection_count 5\n\t\t\t\t\thealth_port 9000\n\t\t\t\t\tclose_if_unhealthy",
+			`"health_checks":{"active":{"close_if_unhealthy":true,"port":9000},"passive":{"unhealthy_connection_count":5}}`},
+		// Any health_* option alone switches active checks on with defaults.
+		{"health_rise 2", `"health_checks":{"active":{"rise":2}}`},
+	} {
+		if got := handlerJSON(t, "chain 127.0.0.1:7002 {\n\t\t\t\t\t"+tc.options+"\n\t\t\t\t}"); !strings.Contains(got, tc.want) {
+			t.Errorf("%q adapted to\n%s\nwant it to contain\n%s", tc.options, got, tc.want)
+		}
+	}
+}
+
+// TestOffAdaptsForHealthAndRetry: the options that can be off adapt `off`
+// to -1 like every other limit.
+func TestOffAdaptsForHealthAndRetry(t *testing.T) {
+	got := handlerJSON(t, `chain {
+					upstream 127.0.0.1:7002 {
+						max_connections off
+					}
+					fail_duration off
+					unhealthy_connection_count off
+					lb_try_duration off
+				}`)
+	want := `{"handler":"chain","health_checks":{"passive":{"fail_duration":-1,"unhealthy_connection_count":-1}},` +
+		`"load_balancing":{"try_duration":-1},"upstreams":[{"dial":["127.0.0.1:7002"],"max_connections":-1}]}`
+	if got != want {
+		t.Fatalf("handler:\n got %s\nwant %s", got, want)
+	}
+}
+
+// TestUpstreamBlocksAdapt: caddy-l4's per-upstream block, with the address
+// on the line or in dial, beside plain upstream lines.
+func TestUpstreamBlocksAdapt(t *testing.T) {
+	got := handlerJSON(t, `chain 127.0.0.1:7001 {
+					upstream 127.0.0.1:7002 {
+						max_connections 100
+						weight 3
+					}
+					upstream {
+						dial tcp4/127.0.0.1:7003
+						weight 2
+					}
+					upstream 127.0.0.1:7004 127.0.0.1:7005
+					upstream 127.0.0.1:7006 {
+					}
+					lb_policy round_robin
+				}`)
+	want := `{"handler":"chain","load_balancing":{"selection":{"policy":"round_robin"}},"upstreams":[` +
+		`{"dial":["127.0.0.1:7001"]},` +
+		`{"dial":["127.0.0.1:7002"],"max_connections":100,"weight":3},` +
+		`{"dial":["tcp4/127.0.0.1:7003"],"weight":2},` +
+		`{"dial":["127.0.0.1:7004"]},{"dial":["127.0.0.1:7005"]},` +
+		`{"dial":["127.0.0.1:7006"]}]}`
+	if got != want {
+		t.Fatalf("handler:\n got %s\nwant %s", got, want)
 	}
 }
 
@@ -237,10 +345,36 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 			"option 'max_hops' cannot be off: a loop between hops would multiply connections without end, at Caddyfile:6"},
 		{"bad limit", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_connections -1\n\t\t\t\t}"),
 			"option 'max_connections': want a non-negative integer or 'off', got '-1', at Caddyfile:6"},
-		{"upstream block", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tmax_connections 10\n\t\t\t\t\t}\n\t\t\t\t}"),
-			"option 'upstream' takes no block: per-upstream options are not supported yet; give one address per 'upstream' line, or the addresses on the chain line, at Caddyfile:6"},
-		{"upstream block without address", wrap("chain {\n\t\t\t\t\tupstream {\n\t\t\t\t\t\tdial 127.0.0.1:7002\n\t\t\t\t\t}\n\t\t\t\t}"),
-			"option 'upstream' takes no block: per-upstream options are not supported yet; give one address per 'upstream' line, or the addresses on the chain line, at Caddyfile:6"},
+		{"upstream block with two addresses", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 127.0.0.1:7003 {\n\t\t\t\t\t\tmax_connections 10\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"option 'upstream': a block configures one upstream; give it exactly one address, on the line or with dial, at Caddyfile:6"},
+		{"upstream block with an address and a dial", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tdial 127.0.0.1:7003\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"option 'upstream': a block configures one upstream; give it exactly one address, on the line or with dial, at Caddyfile:6"},
+		{"upstream without address", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tupstream\n\t\t\t\t}"),
+			"option 'upstream': a block configures one upstream; give it exactly one address, on the line or with dial, at Caddyfile:6"},
+		{"unknown upstream option", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tlocal_addr 127.0.0.2\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"unknown upstream option 'local_addr', at Caddyfile:7"},
+		{"duplicate upstream option", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tweight 1\n\t\t\t\t\t\tweight 2\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"duplicate upstream option 'weight', at Caddyfile:8"},
+		{"negative weight", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tweight -1\n\t\t\t\t\t}\n\t\t\t\t}"),
+			"option 'weight': want a non-negative integer, got '-1', at Caddyfile:7"},
+		{"close_if_unhealthy without checks", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tclose_if_unhealthy\n\t\t\t\t\tidle_timeout 1m\n\t\t\t\t}"),
+			"option 'close_if_unhealthy': no health check is on to mark an upstream unhealthy; set fail_duration (the circuit breaker) or a health_* option (active checks), at Caddyfile:6"},
+		{"close_if_unhealthy with a value", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tclose_if_unhealthy yes\n\t\t\t\t}"),
+			"option 'close_if_unhealthy' takes no value, got 'yes', at Caddyfile:6"},
+		{"duplicate health option", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thealth_interval 1s\n\t\t\t\t\thealth_interval 2s\n\t\t\t\t}"),
+			"duplicate chain option 'health_interval', at Caddyfile:7"},
+		{"max_fails off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_fails off\n\t\t\t\t}"),
+			"option 'max_fails' cannot be off: fail_duration switches passive health checks off, at Caddyfile:6"},
+		{"health_interval off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thealth_interval off\n\t\t\t\t}"),
+			"option 'health_interval' cannot be off: active health checks are switched off by leaving health_checks.active out, at Caddyfile:6"},
+		{"health_timeout off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thealth_timeout off\n\t\t\t\t}"),
+			"option 'health_timeout' cannot be off: a probe of a black-holed upstream would never end, at Caddyfile:6"},
+		{"lb_try_interval off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tlb_try_interval off\n\t\t\t\t}"),
+			"option 'lb_try_interval' cannot be off: without a wait, retrying while every upstream is down would spin on the CPU; try_duration switches retrying off, at Caddyfile:6"},
+		{"bad fail_duration", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tfail_duration often\n\t\t\t\t}"),
+			"option 'fail_duration': invalid duration 'often'"},
+		{"bad health_port", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thealth_port http\n\t\t\t\t}"),
+			"option 'health_port': want a non-negative integer, got 'http', at Caddyfile:6"},
 		{"global sweep_interval off", "{\n\tlayer4chain {\n\t\tsweep_interval off\n\t}\n}\n",
 			"option 'sweep_interval' cannot be off: the sweep is the safety net that enforces the limits no deadline caught and reaps zombie records, at Caddyfile:3"},
 		{"unknown version", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tproxy_protocol v3\n\t\t\t\t}"),

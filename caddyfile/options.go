@@ -129,6 +129,28 @@ func integer(dst *int, canBeOff bool) Option {
 	}
 }
 
+// Flag parses an option that takes no value: its presence stores true.
+func Flag(dst *bool) Option {
+	return func(d *caddyfile.Dispenser) error {
+		name := d.Val()
+		if d.NextArg() {
+			return d.Errf("option '%s' takes no value, got '%s'", name, d.Val())
+		}
+		*dst = true
+		return nil
+	}
+}
+
+// Marking wraps the option parser opt so that it also stores true in set,
+// for options whose mere presence switches something on (a Caddyfile
+// health_* option switches active health checks on).
+func Marking(set *bool, opt Option) Option {
+	return func(d *caddyfile.Dispenser) error {
+		*set = true
+		return opt(d)
+	}
+}
+
 // NotOff wraps the option parser opt of a limit that cannot be switched
 // off, so that the word `off` is rejected with why instead of as a value of
 // the wrong type.

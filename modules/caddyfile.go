@@ -19,6 +19,11 @@ func init() {
 //
 //	chain [<upstreams...>] {
 //		upstream <addresses...>
+//		upstream [<address>] {
+//			dial <address>
+//			max_connections <n>|off
+//			weight <n>
+//		}
 //		connect_timeout <duration>
 //		idle_timeout <duration>|off
 //		half_close_timeout <duration>|off
@@ -28,46 +33,81 @@ func init() {
 //			allow <cidrs...>
 //			timeout <duration>
 //		}
-//		lb_policy first|round_robin|least_conn|random|ip_hash
+//
+//		# load balancing
+//		lb_policy first|round_robin|weighted_round_robin|least_conn|random|ip_hash
 //		lb_tries <n>
+//		lb_try_duration <duration>|off
+//		lb_try_interval <duration>
+//
+//		# passive health checks (the circuit breaker)
+//		fail_duration <duration>|off
+//		max_fails <n>
+//		unhealthy_connection_count <n>|off
+//
+//		# active health checks: any health_* option switches them on
+//		health_port <port>
+//		health_interval <duration>
+//		health_timeout <duration>
+//		health_fall <n>
+//		health_rise <n>
+//
+//		close_if_unhealthy
+//
 //		max_hops <n>
 //		max_connections <n>|off
 //		max_connections_per_client <n>|off
 //	}
 //
 // Upstreams may be given on the directive's line, with `upstream` lines, or
-// both, in that order. `off` adapts to -1, which switches the limit off.
-// Unknown and duplicate options are errors, and so are an `upstream` block
-// and the options of caddy-l4's proxy that chain does not have yet: each
-// error says what to use instead.
+// both, in that order. An `upstream` line without a block makes one
+// upstream per address; with a block, it configures one upstream, whose
+// address is on the line or in `dial`. The option names are caddy-l4
+// proxy's. `close_if_unhealthy` applies to every kind of health check that
+// is on: active checks (health_checks.active.close_if_unhealthy) and the
+// circuit breaker (health_checks.passive.close_if_unhealthy). `off` adapts
+// to -1, which switches the limit off. Unknown and duplicate options are
+// errors with the line, and so are the options of caddy-l4's proxy that
+// chain does not have: each error says what to use instead.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive's name
 	for _, addr := range d.RemainingArgs() {
 		h.Upstreams = append(h.Upstreams, &Upstream{Dial: []string{addr}})
 	}
-	var policy string
-	var tries int
+	var (
+		lb                        LoadBalancing
+		policy                    string
+		passive                   PassiveHealthChecks
+		active                    ActiveHealthChecks
+		activeOn, closeIfUnhealth bool
+		// errCloseIfUnhealthy is built at the option's line, and returned
+		// once the whole block shows that no health check is on.
+		errCloseIfUnhealthy error
+	)
+	marking := func(opt chaincaddyfile.Option) chaincaddyfile.Option { return chaincaddyfile.Marking(&activeOn, opt) }
 	options := map[string]chaincaddyfile.Option{
-		"upstream": func(d *caddyfile.Dispenser) error {
-			if err := chaincaddyfile.NoBlock(d, "per-upstream options are not supported yet; give one address per 'upstream' line, or the addresses on the chain line"); err != nil {
-				return err
-			}
-			var addrs []string
-			if err := chaincaddyfile.Strings(&addrs)(d); err != nil {
-				return err
-			}
-			for _, a := range addrs {
-				h.Upstreams = append(h.Upstreams, &Upstream{Dial: []string{a}})
-			}
-			return nil
-		},
+		"upstream":                   h.parseUpstream,
 		"connect_timeout":            chaincaddyfile.NotOff(whyConnectTimeoutOn, chaincaddyfile.Duration(&h.ConnectTimeout)),
 		"idle_timeout":               chaincaddyfile.DurationOrOff(&h.IdleTimeout),
 		"half_close_timeout":         chaincaddyfile.DurationOrOff(&h.HalfCloseTimeout),
 		"max_lifetime":               chaincaddyfile.DurationOrOff(&h.MaxLifetime),
 		"proxy_protocol":             chaincaddyfile.OneOf(&h.ProxyProtocol, "v1", "v2"),
 		"lb_policy":                  chaincaddyfile.OneOf(&policy, layer4chain.Policies...),
-		"lb_tries":                   chaincaddyfile.Int(&tries),
+		"lb_tries":                   chaincaddyfile.Int(&lb.Tries),
+		"lb_try_duration":            chaincaddyfile.DurationOrOff(&lb.TryDuration),
+		"lb_try_interval":            chaincaddyfile.NotOff(whyTryIntervalOn, chaincaddyfile.Duration(&lb.TryInterval)),
+		"fail_duration":              chaincaddyfile.DurationOrOff(&passive.FailDuration),
+		"max_fails":                  chaincaddyfile.NotOff(whyMaxFailsOn, chaincaddyfile.Int(&passive.MaxFails)),
+		"unhealthy_connection_count": chaincaddyfile.IntOrOff(&passive.UnhealthyConnectionCount),
+		"health_port":                marking(chaincaddyfile.Int(&active.Port)),
+		"health_interval":            marking(chaincaddyfile.NotOff(whyActiveOn, chaincaddyfile.Duration(&active.Interval))),
+		"health_timeout":             marking(chaincaddyfile.NotOff(whyHealthTimeoutOn, chaincaddyfile.Duration(&active.Timeout))),
+		"health_fall":                marking(chaincaddyfile.Int(&active.Fall)),
+		"health_rise":                marking(chaincaddyfile.Int(&active.Rise)),
+		"close_if_unhealthy": func(d *caddyfile.Dispenser) error {
+			errCloseIfUnhealthy = d.Errf("option 'close_if_unhealthy': no health check is on to mark an upstream unhealthy; set fail_duration (the circuit breaker) or a health_* option (active checks)")
+			return chaincaddyfile.Flag(&closeIfUnhealth)(d)
+		},
 		"max_hops":                   chaincaddyfile.NotOff(whyMaxHopsOn, chaincaddyfile.Int(&h.MaxHops)),
 		"max_connections":            chaincaddyfile.IntOrOff(&h.MaxConnections),
 		"max_connections_per_client": chaincaddyfile.IntOrOff(&h.MaxConnectionsPerClient),
@@ -89,11 +129,29 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if err := chaincaddyfile.ParseBlock(d, "chain", options, "upstream"); err != nil {
 		return err
 	}
-	if policy != "" || tries != 0 {
-		h.LoadBalancing = &LoadBalancing{Tries: tries}
-		if policy != "" {
-			h.LoadBalancing.Selection = &Selection{Policy: policy}
+
+	if closeIfUnhealth {
+		breakerOn := passive.FailDuration > 0
+		if !breakerOn && !activeOn {
+			return errCloseIfUnhealthy
 		}
+		passive.CloseIfUnhealthy = breakerOn
+		active.CloseIfUnhealthy = activeOn
+	}
+	if passive != (PassiveHealthChecks{}) || activeOn {
+		h.HealthChecks = new(HealthChecks)
+		if passive != (PassiveHealthChecks{}) {
+			h.HealthChecks.Passive = &passive
+		}
+		if activeOn {
+			h.HealthChecks.Active = &active
+		}
+	}
+	if policy != "" {
+		lb.Selection = &Selection{Policy: policy}
+	}
+	if lb != (LoadBalancing{}) {
+		h.LoadBalancing = &lb
 	}
 	if len(h.Upstreams) == 0 {
 		return d.Err("chain needs at least one upstream")
@@ -101,26 +159,45 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
-// What to use instead of the options of caddy-l4's proxy that chain does
-// not have yet, so an operator coming from it is told rather than guessing.
-const (
-	insteadOfHealthChecks = "upstream health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
-	insteadOfPassiveCheck = "passive health checks are not supported yet; failover on each connection is governed by connect_timeout and lb_tries"
-)
+// parseUpstream parses an `upstream` line: without a block, one upstream
+// per address; with a block, one upstream with caddy-l4's per-upstream
+// options.
+func (h *Handler) parseUpstream(d *caddyfile.Dispenser) error {
+	errOneAddress := d.Errf("option 'upstream': a block configures one upstream; give it exactly one address, on the line or with dial")
+	addrs := d.RemainingArgs()
+	var u Upstream
+	err := chaincaddyfile.ParseBlock(d, "upstream", map[string]chaincaddyfile.Option{
+		"dial":            chaincaddyfile.Strings(&addrs),
+		"max_connections": chaincaddyfile.IntOrOff(&u.MaxConnections),
+		"weight":          chaincaddyfile.Int(&u.Weight),
+		"tls":             chaincaddyfile.Unsupported(notYet["tls"]),
+	}, "dial")
+	if err != nil {
+		return err
+	}
+	// A block, even an empty one, leaves the cursor on its closing brace;
+	// without one, the cursor stays on the line's last token.
+	block := d.Val() == "}"
+	switch {
+	case block && len(addrs) != 1:
+		return errOneAddress
+	case block:
+		u.Dial = addrs
+		h.Upstreams = append(h.Upstreams, &u)
+	case len(addrs) == 0:
+		return errOneAddress
+	default:
+		for _, a := range addrs {
+			h.Upstreams = append(h.Upstreams, &Upstream{Dial: []string{a}})
+		}
+	}
+	return nil
+}
 
+// What to use instead of the options of caddy-l4's proxy (and of Caddy's
+// reverse_proxy, whose habits operators bring) that chain does not have.
 var proxyOptionsNotYet = map[string]string{
-	"lb_try_duration":            "not supported yet; use lb_tries and connect_timeout to bound failover",
-	"lb_try_interval":            "not supported yet; chain fails over to the next upstream at once, lb_tries bounds the attempts",
-	"health_interval":            insteadOfHealthChecks,
-	"health_port":                insteadOfHealthChecks,
-	"health_timeout":             insteadOfHealthChecks,
-	"health_fall":                insteadOfHealthChecks,
-	"health_rise":                insteadOfHealthChecks,
-	"health_uri":                 insteadOfHealthChecks,
-	"close_if_unhealthy":         insteadOfHealthChecks,
-	"fail_duration":              insteadOfPassiveCheck,
-	"max_fails":                  insteadOfPassiveCheck,
-	"unhealthy_connection_count": insteadOfPassiveCheck,
+	"health_uri": "chain's active health checks are TCP connects (with a PROXY v2 LOCAL header when proxy_protocol is set), not HTTP requests; use health_port, health_interval and health_timeout",
 }
 
 // parseGlobalOption reads the global option

@@ -59,6 +59,13 @@ type Handler struct {
 	// dial attempts to make before giving up.
 	LoadBalancing *LoadBalancing `json:"load_balancing,omitempty"`
 
+	// HealthChecks lets the handler skip upstreams known to be failing: a
+	// circuit breaker over its dial failures (passive) and background
+	// probes (active). Both are off by default. When every upstream is
+	// skipped, a new connection fails at once (close reason
+	// no_healthy_upstream) unless load_balancing.try_duration retries.
+	HealthChecks *HealthChecks `json:"health_checks,omitempty"`
+
 	// ConnectTimeout bounds every dial attempt; a timed-out attempt fails
 	// over to the next upstream. Absent or 0: 5s. It cannot be switched
 	// off: an unreachable upstream would hold each client for the kernel's
@@ -127,6 +134,18 @@ type Upstream struct {
 	// address is allowed.
 	Dial []string `json:"dial,omitempty"`
 
+	// MaxConnections caps the connections established to this upstream at
+	// once, counted across every handler of the process that dials the
+	// same address; a full upstream is skipped like an unhealthy one.
+	// Absent or 0: no limit; negative (-1) too.
+	MaxConnections int `json:"max_connections,omitempty"`
+
+	// Weight is the upstream's share of connections under the
+	// weighted_round_robin policy: an upstream of weight 3 gets three
+	// connections for every one of an upstream of weight 1. Other policies
+	// ignore it. Absent or 0: 1. At least 1 when set.
+	Weight int `json:"weight,omitempty"`
+
 	// rejected holds the fields of the JSON object that are not accepted,
 	// in the object's order, so that check can name them with the
 	// upstream's index, which UnmarshalJSON does not know.
@@ -134,16 +153,14 @@ type Upstream struct {
 }
 
 // notYet says what to use instead of an upstream field that caddy-l4 has
-// and that chain will have (issue: upstream health), but does not yet.
+// and that chain does not have yet.
 var notYet = map[string]string{
-	"max_connections": "not supported yet; the handler's max_connections caps its connections across all upstreams",
-	"weight":          "not supported yet, and nothing weighs upstreams yet; the load_balancing policy and the upstreams' order decide",
-	"tls":             "TLS to the next hop is not supported yet; chain forwards the client's bytes as they are, so a TLS stream passes through end to end",
+	"tls": "TLS to the next hop is not supported yet; chain forwards the client's bytes as they are, so a TLS stream passes through end to end",
 }
 
 // UnmarshalJSON accepts an upstream object or a plain address string. It
-// is strict like Caddy's own decoding: a field other than "dial" fails the
-// load, in check, with the upstream's index.
+// is strict like Caddy's own decoding: an unknown field fails the load, in
+// check, with the upstream's index.
 func (u *Upstream) UnmarshalJSON(b []byte) error {
 	if b = bytes.TrimSpace(b); len(b) > 0 && b[0] == '"' {
 		var addr string
@@ -158,12 +175,20 @@ func (u *Upstream) UnmarshalJSON(b []byte) error {
 		return err
 	}
 	for name, v := range fields {
-		if name != "dial" {
+		var dst any
+		switch name {
+		case "dial":
+			dst = &u.Dial
+		case "max_connections":
+			dst = &u.MaxConnections
+		case "weight":
+			dst = &u.Weight
+		default:
 			u.rejected = append(u.rejected, name)
 			continue
 		}
-		if err := json.Unmarshal(v, &u.Dial); err != nil {
-			return fmt.Errorf("dial: %w", err)
+		if err := json.Unmarshal(v, dst); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
 		}
 	}
 	slices.Sort(u.rejected)
@@ -177,15 +202,33 @@ type LoadBalancing struct {
 	Selection *Selection `json:"selection,omitempty"`
 
 	// Tries is how many dial attempts to make, across upstreams, before
-	// closing the client. Default: one per upstream.
+	// closing the client. Default: one per upstream. When it exceeds the
+	// number of upstreams, two attempts on the same upstream are
+	// try_interval apart.
 	Tries int `json:"tries,omitempty"`
+
+	// TryDuration is how long a connection keeps retrying, in rounds of
+	// Tries attempts try_interval apart, while no upstream can be dialed
+	// (all unhealthy, full or failing), before it is closed. Absent or 0:
+	// no retrying: when no upstream is available the connection fails at
+	// once with close reason no_healthy_upstream; negative (-1) too. At
+	// least 1ms.
+	TryDuration caddy.Duration `json:"try_duration,omitempty"`
+
+	// TryInterval is the wait between two retry rounds, and between two
+	// attempts on the same upstream when tries exceeds the number of
+	// upstreams, so a dead upstream is never hammered in a tight loop.
+	// Absent or 0: 250ms. It cannot be off: without a wait, retrying while
+	// every upstream is down would spin on the CPU. At least 1ms.
+	TryInterval caddy.Duration `json:"try_interval,omitempty"`
 }
 
 // Selection names a load balancing policy.
 type Selection struct {
 	// Policy is one of first (default: always the first upstream that
-	// connects), round_robin, least_conn, random, ip_hash (by original
-	// client IP).
+	// connects), round_robin, weighted_round_robin (by each upstream's
+	// weight), least_conn, random, ip_hash (by original client IP).
+	// Unhealthy and full upstreams are skipped by every policy.
 	Policy string `json:"policy,omitempty"`
 }
 
@@ -308,6 +351,9 @@ func (h *Handler) check() error {
 		if len(u.Dial) != 1 {
 			return fmt.Errorf("upstreams[%d].dial: exactly one address is required", i)
 		}
+		if err := checkUpstreamLimits(i, u); err != nil {
+			return err
+		}
 		addr, err := dialAddr(u.Dial[0])
 		if err != nil {
 			return fmt.Errorf("upstreams[%d].dial: %w", i, err)
@@ -343,6 +389,12 @@ func (h *Handler) check() error {
 	}
 	if lb := h.LoadBalancing; lb != nil && lb.Tries < 0 {
 		return fmt.Errorf("load_balancing.tries: must not be negative, got %d", lb.Tries)
+	}
+	if err := checkRetry(h.LoadBalancing); err != nil {
+		return err
+	}
+	if err := checkHealthChecks(h.HealthChecks); err != nil {
+		return err
 	}
 	if err := checkLimit("max_hops", h.MaxHops, whyMaxHopsOn, maxMaxHops); err != nil {
 		return err

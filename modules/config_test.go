@@ -51,12 +51,38 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 			`upstreams[0]: unknown field "foo"`},
 		{"unknown field in the second upstream", map[string]any{"upstreams": []any{"127.0.0.1:9", map[string]any{"dial": []string{"127.0.0.1:8"}, "dail": 1}}},
 			`upstreams[1]: unknown field "dail"`},
-		{"per-upstream max_connections", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "max_connections": 10}}},
-			"upstreams[0].max_connections: not supported yet; the handler's max_connections caps its connections across all upstreams"},
-		{"upstream weight", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "weight": 3}}},
-			"upstreams[0].weight: not supported yet, and nothing weighs upstreams yet"},
+		{"negative upstream weight", map[string]any{"upstreams": []any{"127.0.0.1:8", map[string]any{"dial": []string{"127.0.0.1:9"}, "weight": -1}}},
+			"upstreams[1].weight: want at least 1, or 0 for the default 1, got -1"},
+		{"upstream weight not a number", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "weight": "3"}}},
+			"weight: json: cannot unmarshal string"},
 		{"upstream tls", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{}}}},
 			"upstreams[0].tls: TLS to the next hop is not supported yet"},
+
+		{"fail_duration in ns", map[string]any{"upstreams": ok, "health_checks": map[string]any{"passive": map[string]any{"fail_duration": 30}}},
+			`health_checks.passive.fail_duration: 30ns; did you mean "30s"?`},
+		{"max_fails off", map[string]any{"upstreams": ok, "health_checks": map[string]any{"passive": map[string]any{"fail_duration": "10s", "max_fails": -1}}},
+			"health_checks.passive.max_fails: cannot be switched off (got -1): fail_duration switches passive health checks off"},
+		{"passive close_if_unhealthy without a breaker", map[string]any{"upstreams": ok, "health_checks": map[string]any{"passive": map[string]any{"close_if_unhealthy": true, "unhealthy_connection_count": 5}}},
+			"health_checks.passive.close_if_unhealthy: the circuit breaker is off (fail_duration is absent, 0 or negative), so no circuit opens to close connections on; set fail_duration"},
+		{"unknown passive field", map[string]any{"upstreams": ok, "health_checks": map[string]any{"passive": map[string]any{"fail_durration": "10s"}}}, "fail_durration"},
+		{"health port too high", map[string]any{"upstreams": ok, "health_checks": map[string]any{"active": map[string]any{"port": 70000}}},
+			"health_checks.active.port: want a port from 1 to 65535, or 0 for the upstream's own, got 70000"},
+		{"negative health port", map[string]any{"upstreams": ok, "health_checks": map[string]any{"active": map[string]any{"port": -1}}},
+			"health_checks.active.port: want a port from 1 to 65535"},
+		{"health interval off", map[string]any{"upstreams": ok, "health_checks": map[string]any{"active": map[string]any{"interval": "-1s"}}},
+			"health_checks.active.interval: cannot be switched off (got -1s): active health checks are switched off by leaving health_checks.active out"},
+		{"health timeout in ns", map[string]any{"upstreams": ok, "health_checks": map[string]any{"active": map[string]any{"timeout": 5}}},
+			`health_checks.active.timeout: 5ns; did you mean "5s"?`},
+		{"health timeout off", map[string]any{"upstreams": ok, "health_checks": map[string]any{"active": map[string]any{"timeout": -1}}},
+			"health_checks.active.timeout: cannot be switched off (got -1ns): a probe of a black-holed upstream would never end"},
+		{"negative fall", map[string]any{"upstreams": ok, "health_checks": map[string]any{"active": map[string]any{"fall": -1}}},
+			"health_checks.active.fall: want at least 1, or 0 for the default 1, got -1"},
+		{"negative rise", map[string]any{"upstreams": ok, "health_checks": map[string]any{"active": map[string]any{"rise": -2}}},
+			"health_checks.active.rise: want at least 1, or 0 for the default 1, got -2"},
+		{"try_duration in ns", map[string]any{"upstreams": ok, "load_balancing": map[string]any{"try_duration": 5}},
+			`load_balancing.try_duration: 5ns; did you mean "5s"?`},
+		{"try_interval off", map[string]any{"upstreams": ok, "load_balancing": map[string]any{"try_interval": "-1s"}},
+			"load_balancing.try_interval: cannot be switched off (got -1s): without a wait, retrying while every upstream is down would spin on the CPU; try_duration switches retrying off"},
 
 		{"accept without allow", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"timeout": "1s"}},
 			"accept_proxy_protocol.allow: empty, so no peer is trusted and every PROXY header would be rejected; list the previous hops' IPs or CIDRs"},
@@ -80,12 +106,16 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 func TestEveryLimitThatCanBeOffLoadsOff(t *testing.T) {
 	for _, off := range []any{-1, "-1s"} {
 		startCaddy(t, map[string]any{"s": server("127.0.0.1:0", map[string]any{
-			"upstreams":                  upstreams("127.0.0.1:9"),
+			"upstreams":                  []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "max_connections": -1}},
 			"idle_timeout":               off,
 			"half_close_timeout":         off,
 			"max_lifetime":               off,
 			"max_connections":            -1,
 			"max_connections_per_client": -1,
+			"load_balancing":             map[string]any{"try_duration": off},
+			"health_checks": map[string]any{"passive": map[string]any{
+				"fail_duration": off, "unhealthy_connection_count": -1,
+			}},
 		})})
 		if err := caddy.Stop(); err != nil {
 			t.Fatal(err)
@@ -162,6 +192,18 @@ func TestUpstreamRejectsFieldsInTheObjectsOrder(t *testing.T) {
 	}
 	if strings.Join(u.rejected, ",") != "aa,zz" || len(u.Dial) != 1 {
 		t.Fatalf("rejected %v, dial %v", u.rejected, u.Dial)
+	}
+}
+
+// TestUpstreamObjectTakesCaddyL4sPerUpstreamFields: max_connections and
+// weight are read, tls is still named as not supported.
+func TestUpstreamObjectTakesCaddyL4sPerUpstreamFields(t *testing.T) {
+	var u Upstream
+	if err := json.Unmarshal([]byte(`{"dial":["127.0.0.1:9"],"max_connections":-1,"weight":3,"tls":{}}`), &u); err != nil {
+		t.Fatal(err)
+	}
+	if u.MaxConnections != -1 || u.Weight != 3 || strings.Join(u.rejected, ",") != "tls" {
+		t.Fatalf("got %+v", u)
 	}
 }
 

@@ -70,7 +70,7 @@ type App struct {
 // and where it comes from.
 type connectionLimit struct {
 	max    int    // 0: no limit
-	source string // "max_connections", "RLIMIT_NOFILE" or "none"
+	source string // "max_connections", "RLIMIT_NOFILE", "off" or why there is none
 	nofile uint64 // the file limit, 0 when unknown
 }
 
@@ -120,8 +120,10 @@ func (a *App) connectionLimit() connectionLimit {
 		l.source = "max_connections"
 	case l.max > 0:
 		l.source = "RLIMIT_NOFILE"
+	case a.MaxConnections < 0:
+		l.source = "off"
 	default:
-		l.source = "none"
+		l.source = "none: the file limit is unknown"
 	}
 	return l
 }
@@ -185,8 +187,10 @@ func (a *App) Stop() error {
 	if err != nil {
 		a.logger.Warn("could not stop the layer4 listeners; they stay open until the layer4 app stops", zap.Error(err))
 	}
+	// Caddy may have stopped the layer4 app (closing its listeners) before
+	// this one: then there is nothing left to stop.
 	a.logger.Info("draining connections", zap.Int("connections", a.tracker.Len()),
-		zap.Duration("grace", grace), zap.Int("listeners_stopped", unbound))
+		zap.Duration("grace", grace), zap.Int("listeners_stopped_by_drain", unbound))
 	if closed := a.tracker.Drain(grace, drainWait); closed > 0 {
 		a.logger.Warn("closed connections still open after the shutdown grace",
 			zap.Int("connections", closed), zap.String("reason", string(layer4chain.ReasonShutdown)))

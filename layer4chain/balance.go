@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 )
 
@@ -19,9 +20,16 @@ type Upstream struct {
 	// upstream's name in logs, stats and metrics.
 	Addr string
 
+	// OnTransition, if set, is told every change of the upstream's health
+	// (for logs and metrics). Set it before the upstream is used; it is
+	// called without locks held, on the goroutine that caused the change.
+	OnTransition func(UpstreamTransition)
+
 	// active counts connections currently established through this upstream;
 	// least_conn reads it and stats report it.
 	active atomic.Int64
+
+	health health
 }
 
 // NewUpstream returns an Upstream for addr with no active connections. The
@@ -83,10 +91,23 @@ const (
 	// address, so one client keeps reaching the same backend while the set
 	// of upstreams is unchanged.
 	PolicyIPHash = "ip_hash"
+	// PolicyWeightedRoundRobin rotates the starting upstream in proportion
+	// to each upstream's weight, spreading the picks evenly (nginx's smooth
+	// weighted round robin).
+	PolicyWeightedRoundRobin = "weighted_round_robin"
 )
 
 // Policies lists the accepted policy names, for validation messages and docs.
-var Policies = []string{PolicyFirst, PolicyRoundRobin, PolicyLeastConn, PolicyRandom, PolicyIPHash}
+var Policies = []string{PolicyFirst, PolicyRoundRobin, PolicyLeastConn, PolicyRandom, PolicyIPHash, PolicyWeightedRoundRobin}
+
+// UpstreamLimits are one handler's settings for one of its upstreams.
+type UpstreamLimits struct {
+	// MaxConnections skips the upstream while it has this many active
+	// connections; 0 means no limit.
+	MaxConnections int
+	// Weight is the upstream's share under weighted_round_robin; 0 means 1.
+	Weight int
+}
 
 // policy is the parsed form of a policy name, so Order switches on an int
 // rather than comparing strings on every connection.
@@ -98,6 +119,7 @@ const (
 	policyLeastConn
 	policyRandom
 	policyIPHash
+	policyWeightedRoundRobin
 )
 
 // Balancer orders upstreams for one connection's dial attempts. It is shared
@@ -106,8 +128,12 @@ const (
 type Balancer struct {
 	policy    policy
 	upstreams []*Upstream
+	limits    []UpstreamLimits // parallel to upstreams; nil: none
 	tries     int
 	next      atomic.Uint64 // round_robin position; wraps harmlessly
+
+	wrrMu      sync.Mutex
+	wrrCurrent []int // smooth weighted round robin state
 }
 
 // NewBalancer builds a Balancer over upstreams. An empty policy means first;
@@ -128,6 +154,8 @@ func NewBalancer(policyName string, upstreams []*Upstream, tries int) (*Balancer
 		p = policyRandom
 	case PolicyIPHash:
 		p = policyIPHash
+	case PolicyWeightedRoundRobin:
+		p = policyWeightedRoundRobin
 	default:
 		return nil, fmt.Errorf("unknown load balancing policy %q (want one of %s)",
 			policyName, strings.Join(Policies, ", "))
@@ -150,6 +178,44 @@ func NewBalancer(policyName string, upstreams []*Upstream, tries int) (*Balancer
 		upstreams: append([]*Upstream(nil), upstreams...),
 		tries:     tries,
 	}, nil
+}
+
+// SetUpstreamLimits sets the handler's settings for each upstream, in the
+// order of the upstreams given to NewBalancer. Call it before the balancer
+// is used.
+func (b *Balancer) SetUpstreamLimits(limits []UpstreamLimits) error {
+	if len(limits) != len(b.upstreams) {
+		return fmt.Errorf("%d upstream limits for %d upstreams", len(limits), len(b.upstreams))
+	}
+	b.limits = append([]UpstreamLimits(nil), limits...)
+	return nil
+}
+
+// MaxConnectionsOf returns the handler's limit on u's active connections
+// (0: none); it fits Dialer.MaxConnections.
+func (b *Balancer) MaxConnectionsOf(u *Upstream) int {
+	for i, v := range b.upstreams {
+		if v == u {
+			return b.maxConns(i)
+		}
+	}
+	return 0
+}
+
+// maxConns is the handler's limit on the connections of upstream i.
+func (b *Balancer) maxConns(i int) int {
+	if b.limits == nil {
+		return 0
+	}
+	return b.limits[i].MaxConnections
+}
+
+// weight is upstream i's weight, at least 1.
+func (b *Balancer) weight(i int) int {
+	if b.limits == nil || b.limits[i].Weight <= 0 {
+		return 1
+	}
+	return b.limits[i].Weight
 }
 
 // Tries is the number of dial attempts Order plans for each connection.
@@ -193,9 +259,33 @@ func (b *Balancer) pick(client netip.Addr) int {
 		return rand.IntN(n)
 	case policyIPHash:
 		return int(hashAddr(client) % uint64(n))
+	case policyWeightedRoundRobin:
+		return b.pickWeighted()
 	default:
 		return 0
 	}
+}
+
+// pickWeighted is nginx's smooth weighted round robin: every upstream's
+// current value grows by its weight, the largest is picked and lowered by
+// the total, so a 3:1 split picks a a b a rather than a a a b.
+func (b *Balancer) pickWeighted() int {
+	b.wrrMu.Lock()
+	defer b.wrrMu.Unlock()
+	if b.wrrCurrent == nil {
+		b.wrrCurrent = make([]int, len(b.upstreams))
+	}
+	best, total := 0, 0
+	for i := range b.upstreams {
+		w := b.weight(i)
+		total += w
+		b.wrrCurrent[i] += w
+		if b.wrrCurrent[i] > b.wrrCurrent[best] {
+			best = i
+		}
+	}
+	b.wrrCurrent[best] -= total
+	return best
 }
 
 // hashAddr is FNV-1a over the 16-byte form of the unmapped address, written

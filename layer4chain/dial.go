@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -104,18 +105,63 @@ type Dialer struct {
 	// OnAttempt, if set, is called after every attempt with how long it
 	// took and its error (nil when it connected): for dial metrics.
 	OnAttempt func(upstream string, took time.Duration, err error)
+	// Passive is the circuit breaker over dial failures; nil or a zero
+	// FailDuration records failures without ever opening a circuit.
+	Passive *PassiveHealth
+	// MaxConnections, if set, returns the handler's limit on an upstream's
+	// active connections (0: none); a full upstream is skipped.
+	MaxConnections func(*Upstream) int
+	// OnOpen, if set, is called when a failure of this Dialer opened an
+	// upstream's circuit (for close_if_unhealthy).
+	OnOpen func(*Upstream)
+	// TryInterval is the pause before dialing an upstream a second time
+	// within one Dial (when the order holds it twice), so tries beyond the
+	// number of upstreams never hammer a failing one in a tight loop.
+	// Zero or negative means 250ms.
+	TryInterval time.Duration
 }
 
+// DefaultTryInterval is the pause between two attempts on one upstream, and
+// between retry rounds, when no try_interval is set (caddy-l4's default).
+const DefaultTryInterval = 250 * time.Millisecond
+
+// DialAttempt is one failed dial attempt of a connection, for its access
+// log line and its record.
+type DialAttempt struct {
+	// Upstream is the address dialed.
+	Upstream string `json:"upstream"`
+	// Reason classifies the failure.
+	Reason CloseReason `json:"reason"`
+	// Error is the dial error.
+	Error string `json:"error"`
+	// Duration is how long the attempt took, in nanoseconds.
+	Duration time.Duration `json:"duration_ns"`
+}
+
+// errNoHealthyUpstream is the cause of a no_healthy_upstream DialError.
+var errNoHealthyUpstream = errors.New("every upstream is unhealthy, open or full")
+
 // Dial tries each upstream in order until one connects, returning the
-// connection and the upstream used. When every attempt fails it returns the
-// last attempt's *DialError, whose Reason the caller closes the client with.
+// connection and the upstream used. Upstreams that are unhealthy, whose
+// circuit is open (or half-open with its trial taken) or that are full are
+// skipped without a dial; when every one was skipped the error's Reason is
+// no_healthy_upstream. When every attempt fails it returns the last
+// attempt's *DialError, whose Reason the caller closes the client with.
 // If ctx ends it stops at once, returning a *DialError wrapping ctx.Err()
 // whose Reason is connect_failed for cancellation (connect_timeout if the
-// context's own deadline passed). An empty order is a connect_failed
-// DialError. Dial never panics.
+// context's own deadline passed); such an attempt is not held against the
+// upstream. An empty order is a connect_failed DialError. Dial never
+// panics.
 func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Upstream, error) {
+	return d.dial(ctx, order, nil)
+}
+
+// dial is Dial, recording failed attempts in rec when it is not nil.
+func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (*net.TCPConn, *Upstream, error) {
 	nd := d.netDialer()
 	var last *DialError
+	var triedBuf [8]*Upstream
+	tried := triedBuf[:0]
 	for _, u := range order {
 		if err := ctx.Err(); err != nil {
 			return nil, nil, &DialError{Upstream: addrOf(u), Reason: ClassifyDialError(err), Err: err}
@@ -125,13 +171,25 @@ func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Up
 			d.report(last)
 			continue
 		}
+		if slices.Contains(tried, u) {
+			if err := sleepCtx(ctx, d.tryInterval()); err != nil {
+				return nil, nil, &DialError{Upstream: u.Addr, Reason: ClassifyDialError(err), Err: err}
+			}
+		}
+		a := u.begin(d.Passive, d.maxConns(u))
+		if !a.ok {
+			continue
+		}
+		tried = append(tried, u)
 		start := time.Now()
 		c, err := nd.DialContext(ctx, u.network(), u.hostPort())
+		took := time.Since(start)
 		if d.OnAttempt != nil {
-			d.OnAttempt(u.Addr, time.Since(start), err)
+			d.OnAttempt(u.Addr, took, err)
 		}
 		if err == nil {
 			if tc, ok := c.(*net.TCPConn); ok {
+				u.succeeded(a)
 				return tc, u, nil
 			}
 			// Unreachable for TCP networks, but a wrong type must not crash
@@ -140,24 +198,61 @@ func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Up
 			err = fmt.Errorf("dial returned %T, not *net.TCPConn", c)
 		}
 		last = &DialError{Upstream: u.Addr, Reason: ClassifyDialError(err), Err: err}
-		d.report(last)
 		if ctxErr := ctx.Err(); ctxErr != nil {
 			// The failure may be the cancellation itself or a coincidence;
 			// either way the caller asked us to stop, and that is the reason
-			// it must see.
+			// it must see. The upstream is not to blame.
+			u.abandoned(a)
+			d.report(last)
 			if !errors.Is(err, ctxErr) {
 				err = fmt.Errorf("%w: %w", ctxErr, err)
 			}
 			return nil, nil, &DialError{Upstream: u.Addr, Reason: ClassifyDialError(ctxErr), Err: err}
+		}
+		if u.failed(a, d.Passive, err) && d.OnOpen != nil {
+			d.OnOpen(u)
+		}
+		d.report(last)
+		if rec != nil {
+			rec.addFailedDial(DialAttempt{Upstream: u.Addr, Reason: last.Reason, Error: err.Error(), Duration: took})
 		}
 	}
 	if last == nil {
 		if err := ctx.Err(); err != nil {
 			return nil, nil, &DialError{Reason: ClassifyDialError(err), Err: err}
 		}
+		if len(order) > 0 {
+			return nil, nil, &DialError{Reason: ReasonNoHealthyUpstream, Err: errNoHealthyUpstream}
+		}
 		return nil, nil, &DialError{Reason: ReasonConnectFailed, Err: errors.New("no upstreams to dial")}
 	}
 	return nil, nil, last
+}
+
+func (d *Dialer) maxConns(u *Upstream) int {
+	if d.MaxConnections == nil {
+		return 0
+	}
+	return d.MaxConnections(u)
+}
+
+func (d *Dialer) tryInterval() time.Duration {
+	if d.TryInterval <= 0 {
+		return DefaultTryInterval
+	}
+	return d.TryInterval
+}
+
+// sleepCtx waits for d or until ctx ends, whichever is first.
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
 }
 
 // netDialer turns the Dialer's settings into the net.Dialer used for every

@@ -38,6 +38,10 @@ type Proxy struct {
 	Dialer *Dialer
 	// Timeouts limit established connections.
 	Timeouts Timeouts
+	// TryDuration, if positive, keeps retrying the upstreams (every
+	// Dialer.TryInterval) for this long when none connects or none is
+	// available, instead of closing the client after one pass.
+	TryDuration time.Duration
 }
 
 // ClientMeta is what the server knows about a client beyond its socket.
@@ -102,12 +106,14 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return ReasonLimitExceeded
 	}
 
-	var orderBuf [8]*Upstream
-	upConn, up, err := p.Dialer.Dial(ctx, p.Balancer.Order(orderBuf[:0], o.client.Addr()))
+	upConn, up, err := p.dialUpstream(ctx, r, o.client.Addr())
 	if err != nil {
 		r.setDetail(err)
 		var de *DialError
 		if errors.As(err, &de) {
+			r.mu.Lock()
+			r.upstream = de.Upstream // the last one tried, if any
+			r.mu.Unlock()
 			return de.Reason
 		}
 		return ReasonConnectFailed
@@ -139,6 +145,28 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.touch(now)
 	r.setState(StateEstablished)
 	return runPipe(r, client, upConn, p.Timeouts, sc)
+}
+
+// dialUpstream dials the upstreams in the balancer's order for client. With
+// a TryDuration it starts over, after TryInterval, until an upstream
+// connects or TryDuration has passed since the first attempt; without one,
+// a single pass decides.
+func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client netip.Addr) (*net.TCPConn, *Upstream, error) {
+	var orderBuf [8]*Upstream
+	deadline := time.Now().Add(p.TryDuration)
+	for {
+		c, up, err := p.Dialer.dial(ctx, p.Balancer.Order(orderBuf[:0], client), r)
+		if err == nil || p.TryDuration <= 0 || ctx.Err() != nil {
+			return c, up, err
+		}
+		wait := p.Dialer.tryInterval()
+		if time.Now().Add(wait).After(deadline) {
+			return nil, nil, err
+		}
+		if serr := sleepCtx(ctx, wait); serr != nil {
+			return nil, nil, err
+		}
+	}
 }
 
 // origin is what this hop knows about where a connection comes from.
@@ -233,7 +261,7 @@ func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte)
 // connectPhase bounds how long a connection may stay connecting: the PROXY
 // header's deadline plus every dial attempt.
 func (p *Proxy) connectPhase() time.Duration {
-	d := time.Duration(p.Balancer.Tries()) * p.Dialer.connectTimeout()
+	d := time.Duration(p.Balancer.Tries())*(p.Dialer.connectTimeout()+p.Dialer.tryInterval()) + p.TryDuration
 	if p.Accept != nil {
 		d += p.Accept.timeout()
 	}

@@ -22,6 +22,12 @@ const (
 	ReasonLimitExceeded         CloseReason = "limit_exceeded"
 	ReasonAdmin                 CloseReason = "admin"
 	ReasonShutdown              CloseReason = "shutdown"
+	// ReasonNoHealthyUpstream: every upstream was unhealthy, open or full,
+	// so none was dialed.
+	ReasonNoHealthyUpstream CloseReason = "no_healthy_upstream"
+	// ReasonUpstreamUnhealthy: the connection's upstream turned unhealthy
+	// and close_if_unhealthy is set.
+	ReasonUpstreamUnhealthy CloseReason = "upstream_unhealthy"
 )
 
 // CloseReasons lists every reason, in a stable order, so that stats and
@@ -31,5 +37,5 @@ var CloseReasons = []CloseReason{
 	ReasonIdleTimeout, ReasonHalfCloseTimeout, ReasonMaxLifetime,
 	ReasonConnectTimeout, ReasonConnectRefused, ReasonConnectFailed,
 	ReasonProxyProtocolRejected, ReasonLoopDetected, ReasonLimitExceeded,
-	ReasonAdmin, ReasonShutdown,
+	ReasonAdmin, ReasonShutdown, ReasonNoHealthyUpstream, ReasonUpstreamUnhealthy,
 }

@@ -3,6 +3,7 @@ package layer4chain
 import (
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -52,6 +53,7 @@ type Record struct {
 	interrupt      func() // closes the record's sockets; set by the owner
 	closeRequested bool
 	detail         string             // why, in more words than the reason: an error
+	failedDials    []DialAttempt      // every failed dial attempt, in order
 	sockets        [2]syscall.RawConn // client, upstream: for the kernel's view
 }
 
@@ -184,6 +186,9 @@ type RecordInfo struct {
 	// Detail says more than the reason where there is more to say: the
 	// dial error, or why a PROXY header was rejected.
 	Detail string `json:"close_detail,omitempty"`
+	// FailedDials lists the connection's failed dial attempts, in order,
+	// including those it failed over from.
+	FailedDials []DialAttempt `json:"failed_dials,omitempty"`
 	// ClientSocket and UpstreamSocket are the kernel's view of each socket
 	// (TCP_INFO), where the platform provides it and the socket is open.
 	ClientSocket   *SocketInfo `json:"client_socket,omitempty"`
@@ -216,8 +221,16 @@ func (r *Record) Info() RecordInfo {
 	info.Upstream = r.upstream
 	info.Reason = r.reason
 	info.Detail = r.detail
+	info.FailedDials = slices.Clone(r.failedDials)
 	r.mu.Unlock()
 	return info
+}
+
+// addFailedDial records a failed dial attempt of the connection.
+func (r *Record) addFailedDial(a DialAttempt) {
+	r.mu.Lock()
+	r.failedDials = append(r.failedDials, a)
+	r.mu.Unlock()
 }
 
 // setDetail records the error behind the close reason.

@@ -79,7 +79,7 @@ type Tracker struct {
 	closedBytesUp   atomic.Int64
 	closedBytesDown atomic.Int64
 	closedByReason  sync.Map // CloseReason → *atomic.Int64
-	dialFailures    sync.Map // CloseReason → *atomic.Int64
+	dialFailures    sync.Map // DialFailureKey → *atomic.Int64
 	proxyRejections sync.Map // ProxyRejectReason → *atomic.Int64
 }
 
@@ -253,9 +253,52 @@ func (t *Tracker) Total() int64 { return t.total.Load() }
 // Closed returns how many connections closed with the given reason.
 func (t *Tracker) Closed(reason CloseReason) int64 { return counter(&t.closedByReason, reason).Load() }
 
-// DialFailures returns how many dial attempts failed with the given reason.
+// DialFailureKey identifies a count of failed dial attempts.
+type DialFailureKey struct {
+	// Reason is connect_timeout, connect_refused or connect_failed.
+	Reason CloseReason
+	// Upstream is the address dialed.
+	Upstream string
+}
+
+// DialFailures returns how many dial attempts failed with the given reason,
+// across upstreams.
 func (t *Tracker) DialFailures(reason CloseReason) int64 {
-	return counter(&t.dialFailures, reason).Load()
+	var n int64
+	t.dialFailures.Range(func(k, v any) bool {
+		if k.(DialFailureKey).Reason == reason {
+			n += v.(*atomic.Int64).Load()
+		}
+		return true
+	})
+	return n
+}
+
+// DialFailuresByUpstream returns the failed dial attempts by reason and
+// upstream.
+func (t *Tracker) DialFailuresByUpstream() map[DialFailureKey]int64 {
+	out := make(map[DialFailureKey]int64)
+	t.dialFailures.Range(func(k, v any) bool {
+		out[k.(DialFailureKey)] = v.(*atomic.Int64).Load()
+		return true
+	})
+	return out
+}
+
+// CloseUpstream closes every live connection proxied to the upstream addr
+// with the given reason, and returns how many it asked to close.
+func (t *Tracker) CloseUpstream(addr string, reason CloseReason) int {
+	n := 0
+	for _, r := range t.Records() {
+		r.mu.Lock()
+		match := r.upstream == addr
+		r.mu.Unlock()
+		if match {
+			r.Close(reason)
+			n++
+		}
+	}
+	return n
 }
 
 // ProxyRejections returns how many PROXY headers were refused for reason.
@@ -267,7 +310,7 @@ func (t *Tracker) ProxyRejections(reason ProxyRejectReason) int64 {
 // about every attempt; it fits Dialer.OnAttempt.
 func (t *Tracker) ReportDial(upstream string, took time.Duration, err error) {
 	if err != nil {
-		counter(&t.dialFailures, ClassifyDialError(err)).Add(1)
+		counter(&t.dialFailures, DialFailureKey{ClassifyDialError(err), upstream}).Add(1)
 	}
 	if t.Observer != nil {
 		t.Observer.Dialed(upstream, took, err)

@@ -1,0 +1,257 @@
+package layer4chain
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// transitions records an upstream's health changes.
+type transitions struct {
+	mu   sync.Mutex
+	seen []UpstreamTransition
+	ch   chan UpstreamTransition
+}
+
+func watch(u *Upstream) *transitions {
+	tr := &transitions{ch: make(chan UpstreamTransition, 16)}
+	u.OnTransition = func(t UpstreamTransition) {
+		tr.mu.Lock()
+		tr.seen = append(tr.seen, t)
+		tr.mu.Unlock()
+		tr.ch <- t
+	}
+	return tr
+}
+
+// next waits for the next transition and checks where it went.
+func (tr *transitions) next(t *testing.T, from, to Health) {
+	t.Helper()
+	select {
+	case got := <-tr.ch:
+		if got.From != from || got.To != to {
+			t.Fatalf("transition %s → %s (%s), want %s → %s", got.From, got.To, got.Cause, from, to)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatalf("no transition %s → %s", from, to)
+	}
+}
+
+// countingDialer is a Dialer that counts attempts per upstream.
+func countingDialer(passive *PassiveHealth) (*Dialer, func(string) int) {
+	var mu sync.Mutex
+	counts := map[string]int{}
+	d := &Dialer{ConnectTimeout: time.Second, Passive: passive, TryInterval: 50 * time.Millisecond,
+		OnAttempt: func(up string, _ time.Duration, _ error) {
+			mu.Lock()
+			counts[up]++
+			mu.Unlock()
+		}}
+	return d, func(up string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return counts[up]
+	}
+}
+
+func TestCircuitOpensAfterMaxFailsThenOneTrialRestoresIt(t *testing.T) {
+	deadAddr := chaintest.RefusedAddr(t)
+	dead, good := NewUpstream(deadAddr), NewUpstream(chaintest.NewEchoBackend(t).Addr)
+	events := watch(dead)
+	passive := &PassiveHealth{FailDuration: 300 * time.Millisecond, MaxFails: 2}
+	d, attempts := countingDialer(passive)
+	dialOnce := func() *Upstream {
+		t.Helper()
+		c, up, err := d.Dial(context.Background(), []*Upstream{dead, good})
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		c.Close()
+		return up
+	}
+
+	dialOnce()
+	if dead.Health() != HealthHealthy {
+		t.Fatalf("one failure of max_fails 2 changed the health to %s", dead.Health())
+	}
+	dialOnce()
+	events.next(t, HealthHealthy, HealthOpen)
+	for i := 0; i < 5; i++ {
+		start := time.Now()
+		dialOnce()
+		if took := time.Since(start); took > 100*time.Millisecond {
+			t.Fatalf("a connection while the circuit is open took %v", took)
+		}
+	}
+	if n := attempts(deadAddr); n != 2 {
+		t.Fatalf("the open upstream was dialed %d times, want only the 2 failures that opened it", n)
+	}
+
+	// The cool-down passes: one trial, which fails and reopens the circuit.
+	time.Sleep(350 * time.Millisecond) // the cool-down is what is tested
+	if h := dead.Health(); h != HealthHalfOpen {
+		t.Fatalf("after the cool-down the health is %s, want half_open", h)
+	}
+	dialOnce()
+	events.next(t, HealthOpen, HealthHalfOpen)
+	events.next(t, HealthHalfOpen, HealthOpen)
+	if n := attempts(deadAddr); n != 3 {
+		t.Fatalf("dials of the dead upstream after a trial: %d, want 3", n)
+	}
+
+	// The upstream comes back: the next trial closes the circuit.
+	ln, err := net.Listen("tcp", deadAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	time.Sleep(350 * time.Millisecond) // the cool-down again
+	if up := dialOnce(); up != dead {
+		t.Fatalf("the trial connection went to %s", up.Addr)
+	}
+	events.next(t, HealthOpen, HealthHalfOpen)
+	events.next(t, HealthHalfOpen, HealthHealthy)
+	if info := dead.Info(); info.Health != HealthHealthy || info.ConsecutiveFailures != 0 || info.LastError == "" {
+		t.Fatalf("after recovery: %+v", info)
+	}
+}
+
+func TestHalfOpenLetsExactlyOneTrialThrough(t *testing.T) {
+	u := NewUpstream(chaintest.RefusedAddr(t))
+	passive := &PassiveHealth{FailDuration: 50 * time.Millisecond}
+	u.failed(u.begin(passive, 0), passive, errors.New("refused"))
+	time.Sleep(60 * time.Millisecond) // the cool-down is what is tested
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	trials := 0
+	for i := 0; i < 50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if a := u.begin(passive, 0); a.ok {
+				mu.Lock()
+				trials++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if trials != 1 {
+		t.Fatalf("%d connections were let through the half-open circuit, want 1", trials)
+	}
+}
+
+func TestAllUpstreamsOpenFailsFastWithNoHealthyUpstream(t *testing.T) {
+	u := NewUpstream(chaintest.RefusedAddr(t))
+	passive := &PassiveHealth{FailDuration: time.Minute}
+	d, _ := countingDialer(passive)
+	if _, _, err := d.Dial(context.Background(), []*Upstream{u}); ClassifyReason(err) != ReasonConnectRefused {
+		t.Fatalf("first dial: %v", err)
+	}
+	start := time.Now()
+	_, _, err := d.Dial(context.Background(), []*Upstream{u, u, u})
+	if ClassifyReason(err) != ReasonNoHealthyUpstream || time.Since(start) > 50*time.Millisecond {
+		t.Fatalf("dial with every upstream open: %v after %v; want no_healthy_upstream at once", err, time.Since(start))
+	}
+}
+
+// ClassifyReason is the Reason of a *DialError, for tests.
+func ClassifyReason(err error) CloseReason {
+	var de *DialError
+	if errors.As(err, &de) {
+		return de.Reason
+	}
+	return ReasonNone
+}
+
+func TestTriesBeyondTheUpstreamsArePacedNotATightLoop(t *testing.T) {
+	addr := chaintest.RefusedAddr(t)
+	u := NewUpstream(addr)
+	var times []time.Time
+	d := &Dialer{TryInterval: 50 * time.Millisecond, OnAttempt: func(string, time.Duration, error) { times = append(times, time.Now()) }}
+	if _, _, err := d.Dial(context.Background(), []*Upstream{u, u, u, u, u}); ClassifyReason(err) != ReasonConnectRefused {
+		t.Fatalf("dial: %v", err)
+	}
+	if len(times) != 5 {
+		t.Fatalf("%d attempts, want 5", len(times))
+	}
+	for i := 1; i < len(times); i++ {
+		if gap := times[i].Sub(times[i-1]); gap < 45*time.Millisecond {
+			t.Fatalf("attempt %d came %v after the one before on the same upstream, want at least the try interval", i+1, gap)
+		}
+	}
+}
+
+func TestTryDurationWaitsForAnUpstreamToComeBack(t *testing.T) {
+	addr := chaintest.RefusedAddr(t)
+	p := &Proxy{Balancer: mustBalancer(t, "", []*Upstream{NewUpstream(addr)}, 0), Dialer: &Dialer{TryInterval: 30 * time.Millisecond},
+		TryDuration: 2 * time.Second}
+	go func() {
+		time.Sleep(200 * time.Millisecond) // the upstream starts later: that is the scenario
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return
+		}
+		t.Cleanup(func() { ln.Close() })
+		c, err := ln.Accept()
+		if err == nil {
+			c.Close()
+		}
+	}()
+	r := &Record{}
+	c, _, err := p.dialUpstream(context.Background(), r, client1.Addr())
+	if err != nil {
+		t.Fatalf("dial within try_duration: %v", err)
+	}
+	c.Close()
+	if len(r.failedDials) == 0 {
+		t.Fatal("the failed attempts before the upstream came back were not recorded")
+	}
+
+	p.TryDuration = 0
+	start := time.Now()
+	if _, _, err := p.dialUpstream(context.Background(), &Record{}, client1.Addr()); err == nil {
+		// the listener accepted only once; a refusal is expected
+		t.Log("second dial connected to a lingering backlog entry")
+	} else if time.Since(start) > time.Second {
+		t.Fatalf("without try_duration a refused dial took %v", time.Since(start))
+	}
+}
+
+
+func TestActiveChecksMarkABlackHoledUpstreamDownAndUpAgain(t *testing.T) {
+	hole := NewUpstream(chaintest.BlackholeAddr(t))
+	events := watch(hole)
+	var headers = make(chan []byte, 64)
+	live := NewUpstream(chaintest.NewBackend(t, func(c *net.TCPConn) {
+		b, _ := io.ReadAll(c)
+		headers <- b
+	}).Addr)
+	liveEvents := watch(live)
+	cfg := ActiveHealth{Interval: 100 * time.Millisecond, Timeout: 100 * time.Millisecond, Fall: 1, Rise: 2, SendProxyHeader: true}
+	start := time.Now()
+	stop := StartHealthChecks(NewTracker(), []*Upstream{hole, live}, cfg)
+	events.next(t, HealthHealthy, HealthUnhealthy)
+	if took := time.Since(start); took > cfg.Interval+cfg.Timeout+100*time.Millisecond {
+		t.Fatalf("marked down after %v, want within interval + timeout", took)
+	}
+	if got := <-headers; string(got) != string(localHeader) {
+		t.Fatalf("probe sent %q, want exactly a PROXY v2 LOCAL header", got)
+	}
+	if a := hole.begin(nil, 0); a.ok {
+		t.Fatal("an upstream marked down by active checks was still selected")
+	}
+	stop()
+	events.next(t, HealthUnhealthy, HealthHealthy) // no checks, nothing holds it down
+	select {
+	case e := <-liveEvents.ch:
+		t.Fatalf("the live upstream changed: %+v", e)
+	default:
+	}
+}

@@ -224,7 +224,6 @@ func TestTryDurationWaitsForAnUpstreamToComeBack(t *testing.T) {
 	}
 }
 
-
 func TestActiveChecksMarkABlackHoledUpstreamDownAndUpAgain(t *testing.T) {
 	hole := NewUpstream(chaintest.BlackholeAddr(t))
 	events := watch(hole)

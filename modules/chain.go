@@ -125,6 +125,10 @@ type Handler struct {
 	// dials are the engine addresses of Upstreams, as check normalized
 	// them ("tcp/" dropped, so the same address shares one Upstream).
 	dials []string
+	// acquired are the addresses whose pool references Cleanup gives back.
+	acquired []string
+	// stopChecks ends the active health checks; nil when there are none.
+	stopChecks func()
 }
 
 // Upstream is one address to proxy to.
@@ -271,20 +275,34 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("loading the layer4chain app: %w", err)
 	}
 
+	// References to the pool's upstreams; Cleanup gives them back, also
+	// when Provision fails below (Caddy calls Cleanup then).
 	upstreams := make([]*layer4chain.Upstream, len(h.dials))
+	limits := make([]layer4chain.UpstreamLimits, len(h.dials))
 	for i, addr := range h.dials {
-		upstreams[i] = sharedUpstream(addr)
+		upstreams[i] = acquireUpstream(addr)
+		h.acquired = append(h.acquired, addr)
+		limits[i] = layer4chain.UpstreamLimits{
+			MaxConnections: resolveLimit(h.Upstreams[i].MaxConnections, 0),
+			Weight:         resolveLimit(h.Upstreams[i].Weight, 1),
+		}
 	}
 	policy, tries := "", 0
+	var tryDuration, tryInterval time.Duration = 0, defaultTryInterval
 	if lb := h.LoadBalancing; lb != nil {
 		tries = lb.Tries
 		if lb.Selection != nil {
 			policy = lb.Selection.Policy
 		}
+		tryDuration = resolveDuration(lb.TryDuration, 0)
+		tryInterval = resolveDuration(lb.TryInterval, defaultTryInterval)
 	}
 	balancer, err := layer4chain.NewBalancer(policy, upstreams, tries)
 	if err != nil {
 		return fmt.Errorf("load_balancing.selection.policy: %w", err)
+	}
+	if err := balancer.SetUpstreamLimits(limits); err != nil {
+		return fmt.Errorf("upstreams: %w", err)
 	}
 
 	tracker := processTracker()
@@ -301,7 +319,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			ConnectTimeout: resolveDuration(h.ConnectTimeout, defaultConnectTimeout),
 			KeepAlive:      layer4chain.DefaultKeepAlive,
 			OnAttempt:      tracker.ReportDial,
+			MaxConnections: balancer.MaxConnectionsOf,
+			TryInterval:    tryInterval,
 		},
+		TryDuration: tryDuration,
 		Timeouts: layer4chain.Timeouts{
 			Idle:        resolveDuration(h.IdleTimeout, defaultIdleTimeout),
 			HalfClose:   resolveDuration(h.HalfCloseTimeout, defaultHalfCloseTimeout),
@@ -327,8 +348,62 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		p.Accept = &layer4chain.ProxyAcceptor{Allow: allow, Timeout: resolveDuration(app.Timeout, defaultAcceptTimeout)}
 	}
+	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
+		ps := hc.Passive
+		p.Dialer.Passive = &layer4chain.PassiveHealth{
+			FailDuration:             resolveDuration(ps.FailDuration, 0),
+			MaxFails:                 resolveLimit(ps.MaxFails, defaultMaxFails),
+			UnhealthyConnectionCount: resolveLimit(ps.UnhealthyConnectionCount, 0),
+			CloseIfUnhealthy:         ps.CloseIfUnhealthy,
+		}
+		if ps.CloseIfUnhealthy {
+			p.Dialer.OnOpen = func(u *layer4chain.Upstream) {
+				tracker.CloseUpstream(u.Addr, layer4chain.ReasonUpstreamUnhealthy)
+			}
+		}
+	}
 	h.proxy = p
+	if hc := h.HealthChecks; hc != nil && hc.Active != nil {
+		a := hc.Active
+		h.stopChecks = layer4chain.StartHealthChecks(tracker, uniqueUpstreams(upstreams), layer4chain.ActiveHealth{
+			Port:             a.Port,
+			Interval:         resolveDuration(a.Interval, defaultHealthInterval),
+			Timeout:          resolveDuration(a.Timeout, defaultHealthTimeout),
+			Fall:             resolveLimit(a.Fall, defaultHealthFall),
+			Rise:             resolveLimit(a.Rise, defaultHealthRise),
+			CloseIfUnhealthy: a.CloseIfUnhealthy,
+			SendProxyHeader:  p.EmitVersion != 0,
+		})
+	}
 	return nil
+}
+
+// Cleanup stops the handler's active health checks and gives back its
+// references to the pool's upstreams, so an upstream no loaded config
+// lists leaves nothing behind. Caddy calls it when the handler's config is
+// unloaded, and when Provision failed.
+func (h *Handler) Cleanup() error {
+	if h.stopChecks != nil {
+		h.stopChecks()
+		h.stopChecks = nil
+	}
+	for _, addr := range h.acquired {
+		releaseUpstream(addr)
+	}
+	h.acquired = nil
+	return nil
+}
+
+// uniqueUpstreams drops repeats of an upstream listed twice, so active
+// checks probe it once per interval.
+func uniqueUpstreams(list []*layer4chain.Upstream) []*layer4chain.Upstream {
+	out := make([]*layer4chain.Upstream, 0, len(list))
+	for _, u := range list {
+		if !slices.Contains(out, u) {
+			out = append(out, u)
+		}
+	}
+	return out
 }
 
 // check rejects bad values with an error naming the field. It runs in
@@ -492,5 +567,6 @@ func parsePrefixes(list []string) ([]netip.Prefix, error) {
 // Interface guards
 var (
 	_ caddy.Provisioner  = (*Handler)(nil)
+	_ caddy.CleanerUpper = (*Handler)(nil)
 	_ layer4.NextHandler = (*Handler)(nil)
 )

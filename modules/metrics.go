@@ -15,15 +15,20 @@ const namespace = "caddy_layer4chain"
 // config's registry (Caddy makes a new one per load), so reloads neither
 // panic on duplicate registration nor reset counters.
 var metrics = struct {
-	dialDuration       prometheus.Histogram
+	dialDuration       *prometheus.HistogramVec
 	connectionDuration prometheus.Histogram
 	sweepDuration      prometheus.Histogram
+	circuitTransitions *prometheus.CounterVec
 }{
-	dialDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+	dialDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    namespace + "_dial_duration_seconds",
-		Help:    "Time taken by each upstream dial attempt, successful or not.",
+		Help:    "Time taken by each upstream dial attempt, by outcome: ok (connected) or failed.",
 		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
-	}),
+	}, []string{"outcome"}),
+	circuitTransitions: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: namespace + "_circuit_transitions_total",
+		Help: "Changes of an upstream's health, by upstream and the health it changed to: healthy, open, half_open or unhealthy.",
+	}, []string{"upstream", "to"}),
 	connectionDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    namespace + "_connection_duration_seconds",
 		Help:    "Lifetime of closed connections, from admission to removal.",
@@ -48,7 +53,7 @@ var (
 	descClosed = prometheus.NewDesc(namespace+"_connections_closed_total",
 		"Closed connections by close reason.", []string{"reason"}, nil)
 	descDialFailures = prometheus.NewDesc(namespace+"_dial_failures_total",
-		"Failed upstream dial attempts by reason.", []string{"reason"}, nil)
+		"Failed upstream dial attempts by reason and upstream.", []string{"reason", "upstream"}, nil)
 	descBytes = prometheus.NewDesc(namespace+"_bytes_total",
 		"Bytes proxied, by direction: up is client to upstream, down is upstream to client.", []string{"direction"}, nil)
 	descRejected = prometheus.NewDesc(namespace+"_proxy_protocol_rejected_total",
@@ -57,13 +62,17 @@ var (
 		"Sweeps of the connection records.", nil, nil)
 	descZombies = prometheus.NewDesc(namespace+"_zombies_reaped_total",
 		"Records reaped by a sweep after both their sockets had closed; anything but 0 is a bug.", nil, nil)
+	descUpstreamHealthy = prometheus.NewDesc(namespace+"_upstream_healthy",
+		"1 when the upstream is healthy (circuit closed, active checks passing), else 0, for every upstream a loaded config lists.", []string{"upstream"}, nil)
+	descUpstreamActive = prometheus.NewDesc(namespace+"_upstream_active_connections",
+		"Connections established through the upstream now, for every upstream a loaded config lists.", []string{"upstream"}, nil)
 	descLimit = prometheus.NewDesc(namespace+"_connection_limit",
 		"The process's limit on live connections (app max_connections, by default derived from RLIMIT_NOFILE); +Inf when there is none.", nil, nil)
 )
 
 // Describe sends the descriptors of every metric Collect emits.
 func (trackerCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descActive, descTotal, descClosed, descDialFailures, descBytes, descRejected, descSweeps, descZombies, descLimit} {
+	for _, d := range []*prometheus.Desc{descActive, descTotal, descClosed, descDialFailures, descBytes, descRejected, descSweeps, descZombies, descLimit, descUpstreamHealthy, descUpstreamActive} {
 		ch <- d
 	}
 }
@@ -78,8 +87,8 @@ func (trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, r := range layer4chain.CloseReasons {
 		ch <- prometheus.MustNewConstMetric(descClosed, prometheus.CounterValue, float64(st.Closed[r]), string(r))
 	}
-	for r, n := range st.DialFailures {
-		ch <- prometheus.MustNewConstMetric(descDialFailures, prometheus.CounterValue, float64(n), string(r))
+	for k, n := range processTracker().DialFailuresByUpstream() {
+		ch <- prometheus.MustNewConstMetric(descDialFailures, prometheus.CounterValue, float64(n), string(k.Reason), k.Upstream)
 	}
 	ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(st.BytesUp), "up")
 	ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(st.BytesDown), "down")
@@ -89,6 +98,14 @@ func (trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descSweeps, prometheus.CounterValue, float64(st.Sweeps))
 	ch <- prometheus.MustNewConstMetric(descZombies, prometheus.CounterValue, float64(st.ZombiesReaped))
 	ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, connectionLimitMetric(processTracker().MaxConnections.Load()))
+	for _, u := range pooledUpstreams() {
+		healthy := 0.0
+		if u.Health() == layer4chain.HealthHealthy {
+			healthy = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descUpstreamHealthy, prometheus.GaugeValue, healthy, u.Addr)
+		ch <- prometheus.MustNewConstMetric(descUpstreamActive, prometheus.GaugeValue, float64(u.Active()), u.Addr)
+	}
 }
 
 var registerMu sync.Mutex
@@ -102,7 +119,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	registerMu.Lock()
 	defer registerMu.Unlock()
-	for _, c := range []prometheus.Collector{trackerCollector{}, metrics.dialDuration, metrics.connectionDuration, metrics.sweepDuration} {
+	for _, c := range []prometheus.Collector{trackerCollector{}, metrics.dialDuration, metrics.connectionDuration, metrics.sweepDuration, metrics.circuitTransitions} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
 			if !errors.As(err, &are) {

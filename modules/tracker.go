@@ -8,6 +8,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/time/rate"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
@@ -110,9 +111,20 @@ func (observer) StateChanged(r *layer4chain.Record, from, to layer4chain.State) 
 	}
 }
 
-// Dialed observes the dial duration.
+// Dial outcomes, as the dial_duration_seconds label has them.
+var (
+	dialOK     = metrics.dialDuration.WithLabelValues("ok")
+	dialFailed = metrics.dialDuration.WithLabelValues("failed")
+)
+
+// Dialed observes the dial duration, apart for failed attempts: a timed-out
+// attempt lasts connect_timeout and would hide the real connect latency.
 func (observer) Dialed(upstream string, took time.Duration, err error) {
-	metrics.dialDuration.Observe(took.Seconds())
+	if err != nil {
+		dialFailed.Observe(took.Seconds())
+		return
+	}
+	dialOK.Observe(took.Seconds())
 }
 
 // Swept observes the sweep duration and reports reaped zombies loudly: a
@@ -150,18 +162,28 @@ func (observer) Closed(r *layer4chain.Record) {
 	if info.Detail != "" {
 		fields = append(fields, zap.String("detail", info.Detail))
 	}
+	if len(info.FailedDials) > 0 {
+		fields = append(fields, zap.Array("failed_dials", failedDials(info.FailedDials)))
+	}
 	ce.Write(fields...)
 }
 
-// upstreamsByAddr holds one *layer4chain.Upstream per dial address for the whole
-// process, so the live-connection counts that least_conn balances on
-// include connections of handlers from older configs.
-var upstreamsByAddr sync.Map // string → *layer4chain.Upstream
+// failedDials writes a connection's failed dial attempts as a JSON list
+// of objects in its access-log line.
+type failedDials []layer4chain.DialAttempt
 
-func sharedUpstream(addr string) *layer4chain.Upstream {
-	if u, ok := upstreamsByAddr.Load(addr); ok {
-		return u.(*layer4chain.Upstream)
+// MarshalLogArray implements zapcore.ArrayMarshaler.
+func (list failedDials) MarshalLogArray(enc zapcore.ArrayEncoder) error {
+	for _, a := range list {
+		if err := enc.AppendObject(zapcore.ObjectMarshalerFunc(func(enc zapcore.ObjectEncoder) error {
+			enc.AddString("upstream", a.Upstream)
+			enc.AddString("reason", string(a.Reason))
+			enc.AddString("error", a.Error)
+			enc.AddDuration("duration", a.Duration)
+			return nil
+		})); err != nil {
+			return err
+		}
 	}
-	u, _ := upstreamsByAddr.LoadOrStore(addr, layer4chain.NewUpstream(addr))
-	return u.(*layer4chain.Upstream)
+	return nil
 }

@@ -22,9 +22,10 @@ func init() {
 //	GET    /layer4chain/connections/{id}  one connection, with the kernel's view of its sockets
 //	DELETE /layer4chain/connections/{id}  closes it with reason admin
 //	GET    /layer4chain/stats             counts by state, totals, closes and failures by reason
+//	GET    /layer4chain/upstreams         every upstream a loaded config lists, with its health
 //
 // It reads the process's tracker, so it lists connections accepted under
-// any config, old or current.
+// any config, old or current, and the process's upstream pool.
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -41,6 +42,7 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/layer4chain/connections", Handler: caddy.AdminHandlerFunc(a.handleConnections)},
 		{Pattern: "/layer4chain/connections/{id}", Handler: caddy.AdminHandlerFunc(a.handleConnection)},
 		{Pattern: "/layer4chain/stats", Handler: caddy.AdminHandlerFunc(a.handleStats)},
+		{Pattern: "/layer4chain/upstreams", Handler: caddy.AdminHandlerFunc(a.handleUpstreams)},
 	}
 }
 
@@ -86,6 +88,21 @@ func (adminAPI) handleStats(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	return writeJSON(w, processTracker().Stats())
+}
+
+// handleUpstreams lists the upstreams of every chain handler of every
+// loaded config, sorted by address: one entry per address, since the
+// health belongs to the address.
+func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
+	if err := allowMethods(r, http.MethodGet); err != nil {
+		return err
+	}
+	upstreams := pooledUpstreams()
+	list := make([]layer4chain.UpstreamInfo, 0, len(upstreams)) // encodes as [] when empty
+	for _, u := range upstreams {
+		list = append(list, u.Info())
+	}
+	return writeJSON(w, list)
 }
 
 // parseFilter turns the query into a predicate over records. A client

@@ -292,9 +292,9 @@ func TestUpstreamBlocksAdapt(t *testing.T) {
 					upstream 127.0.0.1:7004 127.0.0.1:7005
 					upstream 127.0.0.1:7006 {
 					}
-					lb_policy round_robin
+					lb_policy weighted_round_robin
 				}`)
-	want := `{"handler":"chain","load_balancing":{"selection":{"policy":"round_robin"}},"upstreams":[` +
+	want := `{"handler":"chain","load_balancing":{"selection":{"policy":"weighted_round_robin"}},"upstreams":[` +
 		`{"dial":["127.0.0.1:7001"]},` +
 		`{"dial":["127.0.0.1:7002"],"max_connections":100,"weight":3},` +
 		`{"dial":["tcp4/127.0.0.1:7003"],"weight":2},` +

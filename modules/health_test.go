@@ -1,0 +1,344 @@
+package modules
+
+import (
+	"encoding/json"
+	"net"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain"
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// upstreams GETs /layer4chain/upstreams.
+func (a *adminClient) upstreams() []layer4chain.UpstreamInfo {
+	a.t.Helper()
+	var list []layer4chain.UpstreamInfo
+	a.getJSON("/layer4chain/upstreams", &list)
+	return list
+}
+
+// upstreamInfo returns the entry of addr in list, failing the test when
+// there is none.
+func upstreamInfo(t *testing.T, list []layer4chain.UpstreamInfo, addr string) layer4chain.UpstreamInfo {
+	t.Helper()
+	for _, u := range list {
+		if u.Address == addr {
+			return u
+		}
+	}
+	t.Fatalf("upstream %s not listed in %+v", addr, list)
+	return layer4chain.UpstreamInfo{}
+}
+
+// hasSeries says whether /metrics has a series that starts with prefix.
+func (a *adminClient) hasSeries(prefix string) bool {
+	a.t.Helper()
+	status, body := a.do(http.MethodGet, "/metrics")
+	if status != http.StatusOK {
+		a.t.Fatalf("GET /metrics: %d", status)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if strings.HasPrefix(line, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// breakerServers is a layer4 server on addr whose chain handler has the
+// circuit breaker on (one failure opens it for an hour, so it stays open
+// for the whole test) and the given upstreams, tried in order.
+func breakerServers(addr, idle string, ups ...string) map[string]any {
+	return map[string]any{"hop": server(addr, map[string]any{
+		"upstreams":     upstreams(ups...),
+		"idle_timeout":  idle,
+		"health_checks": map[string]any{"passive": map[string]any{"fail_duration": "1h"}},
+	})}
+}
+
+// TestReloadKeepsAnOpenCircuitAndReleasesARemovedUpstream: the health of
+// an upstream belongs to its address across reloads (a new config does not
+// dial an upstream the old one found dead), and a config that no longer
+// lists an address leaves nothing of it behind: not in the admin API, not
+// in the per-upstream gauges.
+func TestReloadKeepsAnOpenCircuitAndReleasesARemovedUpstream(t *testing.T) {
+	checkLeaks(t)
+	live := chaintest.NewEchoBackend(t)
+	dead := chaintest.RefusedAddr(t)
+	addr := chaintest.FreeAddr(t)
+	admin := startCaddyWithAdmin(t, breakerServers(addr, "1h", dead, live.Addr), nil)
+	adminAddr := strings.TrimPrefix(admin.base, "http://")
+	failedBefore := admin.metric(`caddy_layer4chain_dial_duration_seconds_count{outcome="failed"}`)
+	okBefore := admin.metric(`caddy_layer4chain_dial_duration_seconds_count{outcome="ok"}`)
+
+	c := chaintest.Dial(t, addr)
+	roundTrip(t, c, "failed over to the live upstream")
+	c.Close()
+
+	list := admin.upstreams()
+	if len(list) != 2 || list[0].Address > list[1].Address {
+		t.Fatalf("upstreams %+v: want both, sorted by address", list)
+	}
+	d := upstreamInfo(t, list, dead)
+	if d.Health != layer4chain.HealthOpen || d.ConsecutiveFailures != 1 ||
+		!strings.Contains(d.LastError, "refused") || d.LastErrorAt == nil {
+		t.Fatalf("dead upstream after one refused dial: %+v; want open, 1 failure, the refusal and its time", d)
+	}
+	if l := upstreamInfo(t, list, live.Addr); l.Health != layer4chain.HealthHealthy || l.ConsecutiveFailures != 0 {
+		t.Fatalf("live upstream: %+v", l)
+	}
+	for series, want := range map[string]float64{
+		`caddy_layer4chain_upstream_healthy{upstream="` + dead + `"}`:                             0,
+		`caddy_layer4chain_upstream_healthy{upstream="` + live.Addr + `"}`:                        1,
+		`caddy_layer4chain_circuit_transitions_total{to="open",upstream="` + dead + `"}`:          1,
+		`caddy_layer4chain_dial_failures_total{reason="connect_refused",upstream="` + dead + `"}`: 1,
+		`caddy_layer4chain_dial_duration_seconds_count{outcome="failed"}`:                         failedBefore + 1,
+		`caddy_layer4chain_dial_duration_seconds_count{outcome="ok"}`:                             okBefore + 1,
+	} {
+		if got := admin.metric(series); got != want {
+			t.Errorf("%s = %v, want %v", series, got, want)
+		}
+	}
+
+	// A reload that keeps both upstreams keeps the circuit open: the next
+	// client goes straight to the live upstream, without a second dial of
+	// the dead one.
+	admin.load(caddyConfigWith(breakerServers(addr, "2h", dead, live.Addr), adminAddr, nil))
+	if h := upstreamInfo(t, admin.upstreams(), dead).Health; h != layer4chain.HealthOpen {
+		t.Fatalf("dead upstream after a reload: %s, want open", h)
+	}
+	c = chaintest.Dial(t, addr)
+	roundTrip(t, c, "straight to the live upstream")
+	c.Close()
+	if got := admin.metric(`caddy_layer4chain_dial_failures_total{reason="connect_refused",upstream="` + dead + `"}`); got != 1 {
+		t.Fatalf("the dead upstream was dialed again after the reload: %v refused dials", got)
+	}
+
+	// A config without the dead upstream releases it.
+	admin.load(caddyConfigWith(breakerServers(addr, "2h", live.Addr), adminAddr, nil))
+	list = admin.upstreams()
+	if len(list) != 1 || list[0].Address != live.Addr {
+		t.Fatalf("upstreams after the dead one left the config: %+v", list)
+	}
+	if admin.hasSeries(`caddy_layer4chain_upstream_healthy{upstream="` + dead + `"}`) {
+		t.Fatalf("upstream_healthy still reports %s after it left the config", dead)
+	}
+	// The counter keeps its history, as counters do.
+	if got := admin.metric(`caddy_layer4chain_circuit_transitions_total{to="open",upstream="` + dead + `"}`); got != 1 {
+		t.Fatalf("circuit_transitions_total for %s: %v after it left, want 1", dead, got)
+	}
+}
+
+// TestUpstreamsListsEachAddressOnceWithItsConnections: two handlers that
+// dial the same address share one entry (the health is the address's);
+// the fields are the documented ones; other methods are refused.
+func TestUpstreamsListsEachAddressOnceWithItsConnections(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	other := chaintest.RefusedAddr(t)
+	a1, a2 := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
+	admin := startCaddyWithAdmin(t, map[string]any{
+		"one": server(a1, map[string]any{"upstreams": upstreams(backend.Addr)}),
+		"two": server(a2, map[string]any{"upstreams": upstreams("tcp/"+backend.Addr, other)}),
+	}, nil)
+	c := chaintest.Dial(t, a1)
+	defer c.Close()
+	roundTrip(t, c, "held open")
+
+	status, body := admin.do(http.MethodGet, "/layer4chain/upstreams")
+	if status != http.StatusOK {
+		t.Fatalf("GET /layer4chain/upstreams: %d %s", status, body)
+	}
+	var raw []map[string]any
+	if err := json.Unmarshal(body, &raw); err != nil {
+		t.Fatalf("decoding %s: %v", body, err)
+	}
+	var addrs []string
+	for _, u := range raw {
+		addrs = append(addrs, u["address"].(string))
+		var keys []string
+		for k := range u {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		if want := "active_connections,address,consecutive_failures,health"; strings.Join(keys, ",") != want {
+			t.Errorf("upstream %v has fields %v, want %s (no last_error before any error)", u["address"], keys, want)
+		}
+	}
+	if want := []string{backend.Addr, other}; !slices.IsSorted(addrs) || len(addrs) != 2 || !slices.Contains(addrs, want[0]) || !slices.Contains(addrs, want[1]) {
+		t.Fatalf("addresses %v, want %v once each, sorted", addrs, want)
+	}
+	if b := upstreamInfo(t, admin.upstreams(), backend.Addr); b.ActiveConnections != 1 || b.Health != layer4chain.HealthHealthy {
+		t.Fatalf("backend with one open connection: %+v", b)
+	}
+	if got := admin.metric(`caddy_layer4chain_upstream_active_connections{upstream="` + backend.Addr + `"}`); got != 1 {
+		t.Fatalf("upstream_active_connections = %v, want 1", got)
+	}
+	if status, body := admin.do(http.MethodPost, "/layer4chain/upstreams"); status != http.StatusMethodNotAllowed || !strings.Contains(string(body), `"error"`) {
+		t.Fatalf("POST /layer4chain/upstreams: %d %s, want 405 with a JSON error", status, body)
+	}
+}
+
+// TestPassiveCloseIfUnhealthyClosesTheConnectionsOfAnOpenedCircuit: the
+// upstream stops accepting while a connection to it is established; the
+// next client's refused dial opens the circuit, and the established
+// connection is closed with reason upstream_unhealthy.
+func TestPassiveCloseIfUnhealthyClosesTheConnectionsOfAnOpenedCircuit(t *testing.T) {
+	checkLeaks(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	backendAddr := ln.Addr().String()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams": upstreams(backendAddr),
+		"health_checks": map[string]any{"passive": map[string]any{
+			"fail_duration": "1h", "close_if_unhealthy": true,
+		}},
+	})})
+	before := closedCount(layer4chain.ReasonUpstreamUnhealthy)
+
+	first := chaintest.Dial(t, addr)
+	defer first.Close()
+	up, ok := <-accepted
+	if !ok {
+		t.Fatal("the backend accepted nothing")
+	}
+	defer up.Close()
+	if _, err := first.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := up.Read(make([]byte, 1)); err != nil {
+		t.Fatalf("the upstream did not get the first client's byte: %v", err)
+	}
+	ln.Close() // the upstream now refuses
+
+	second := chaintest.Dial(t, addr)
+	defer second.Close()
+	waitClosedCount(t, layer4chain.ReasonUpstreamUnhealthy, before+1)
+	if _, _, err := chaintest.ReadUntilClosed(first, 3*time.Second); err != nil {
+		t.Fatalf("first client after its upstream's circuit opened: %v", err)
+	}
+	if closedCount(layer4chain.ReasonUpstreamUnhealthy) != before+1 {
+		t.Fatalf("more than the one established connection closed as upstream_unhealthy")
+	}
+}
+
+// TestHealthTransitionsAndFailedDialsAreLogged: an operator can tell from
+// the log which upstream failed and when its health changed.
+func TestHealthTransitionsAndFailedDialsAreLogged(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "chain.log")
+	live := chaintest.NewEchoBackend(t)
+	dead := chaintest.RefusedAddr(t)
+	addr := chaintest.FreeAddr(t)
+	if err := caddy.Load(configLoggingTo(t, file, breakerServers(addr, "1h", dead, live.Addr), nil), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	c := chaintest.Dial(t, addr)
+	roundTrip(t, c, "failed over")
+	c.Close()
+	waitEmpty(t)
+
+	lines := waitLogLines(t, file, "upstream health changed", 1)
+	if len(lines) != 1 {
+		t.Fatalf("health lines: %q, want one", lines)
+	}
+	var tr struct{ Level, Upstream, From, To, Cause string }
+	if err := json.Unmarshal([]byte(lines[0]), &tr); err != nil {
+		t.Fatal(err)
+	}
+	if tr.Level != "warn" || tr.Upstream != dead || tr.From != "healthy" || tr.To != "open" || !strings.Contains(tr.Cause, "refused") {
+		t.Fatalf("health line %s", lines[0])
+	}
+
+	lines = waitLogLines(t, file, "connection closed", 1)
+	if len(lines) != 1 {
+		t.Fatalf("access lines: %q, want one", lines)
+	}
+	var access struct {
+		Upstream    string
+		FailedDials []struct {
+			Upstream, Reason, Error string
+			Duration                float64
+		} `json:"failed_dials"`
+	}
+	if err := json.Unmarshal([]byte(lines[0]), &access); err != nil {
+		t.Fatal(err)
+	}
+	if access.Upstream != live.Addr || len(access.FailedDials) != 1 {
+		t.Fatalf("access line %s: want the live upstream and one failed dial", lines[0])
+	}
+	if f := access.FailedDials[0]; f.Upstream != dead || f.Reason != "connect_refused" || !strings.Contains(f.Error, "refused") || f.Duration <= 0 {
+		t.Fatalf("failed dial %+v in %s", f, lines[0])
+	}
+}
+
+// upstreamCounts counts the live records by upstream.
+func upstreamCounts() map[string]int {
+	got := map[string]int{}
+	for _, r := range processTracker().Records() {
+		got[r.Info().Upstream]++
+	}
+	return got
+}
+
+// TestWeightsAndPerUpstreamLimitsReachTheBalancer: weighted_round_robin
+// splits by the upstreams' weights, a full upstream is skipped, and with
+// every upstream full a client is closed at once as no_healthy_upstream.
+func TestWeightsAndPerUpstreamLimitsReachTheBalancer(t *testing.T) {
+	checkLeaks(t)
+	a, b := chaintest.NewEchoBackend(t), chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{
+		"upstreams": []any{
+			map[string]any{"dial": []string{a.Addr}, "weight": 3, "max_connections": 3},
+			map[string]any{"dial": []string{b.Addr}, "max_connections": 1},
+		},
+		"load_balancing": map[string]any{"selection": map[string]any{"policy": "weighted_round_robin"}},
+	})})
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for range 4 {
+		c := chaintest.Dial(t, addr)
+		conns = append(conns, c)
+		roundTrip(t, c, "weighted")
+	}
+	if got := upstreamCounts(); got[a.Addr] != 3 || got[b.Addr] != 1 {
+		t.Fatalf("connections by upstream %v, want 3 to the weight-3 upstream and 1 to the other", got)
+	}
+
+	// Both upstreams are now at their max_connections.
+	before := closedCount(layer4chain.ReasonNoHealthyUpstream)
+	c := chaintest.Dial(t, addr)
+	defer c.Close()
+	if _, took, err := chaintest.ReadUntilClosed(c, 3*time.Second); err != nil || took > time.Second {
+		t.Fatalf("client with every upstream full: closed after %v (%v), want at once", took, err)
+	}
+	waitClosedCount(t, layer4chain.ReasonNoHealthyUpstream, before+1)
+}

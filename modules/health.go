@@ -63,7 +63,7 @@ type PassiveHealthChecks struct {
 
 	// MaxFails is how many dial failures within fail_duration open the
 	// circuit. Absent or 0: 1. It cannot be off: leave fail_duration out
-	// to switch the circuit breaker off.
+	// to switch the circuit breaker off. Requires fail_duration.
 	MaxFails int `json:"max_fails,omitempty"`
 
 	// UnhealthyConnectionCount skips an upstream that already has at least
@@ -130,8 +130,15 @@ func checkHealthChecks(hc *HealthChecks) error {
 		if err := checkLimit(pre+"unhealthy_connection_count", p.UnhealthyConnectionCount, "", 0); err != nil {
 			return err
 		}
-		if p.CloseIfUnhealthy && p.FailDuration <= 0 {
-			return fmt.Errorf("%sclose_if_unhealthy: the circuit breaker is off (fail_duration is absent, 0 or negative), so no circuit opens to close connections on; set fail_duration", pre)
+		// Both only make sense with the breaker on: accepting them without
+		// it would let an operator believe failures are acted upon.
+		const breakerOff = "the circuit breaker is off (fail_duration is absent, 0 or negative)"
+		switch {
+		case p.FailDuration > 0:
+		case p.MaxFails > 0:
+			return fmt.Errorf("%smax_fails: %s, so no failure is counted; set fail_duration", pre, breakerOff)
+		case p.CloseIfUnhealthy:
+			return fmt.Errorf("%sclose_if_unhealthy: %s, so no circuit opens to close connections on; set fail_duration", pre, breakerOff)
 		}
 	}
 	if a := hc.Active; a != nil {

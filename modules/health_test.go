@@ -342,3 +342,49 @@ func TestWeightsAndPerUpstreamLimitsReachTheBalancer(t *testing.T) {
 	}
 	waitClosedCount(t, layer4chain.ReasonNoHealthyUpstream, before+1)
 }
+
+// TestActiveChecksMarkAnUpstreamDownAndEndWithTheirConfig: the first probe
+// runs at once and marks a refusing upstream unhealthy; a reload to a
+// config without active checks stops them (no goroutine is left) and
+// withdraws their verdict, so the upstream is healthy again.
+func TestActiveChecksMarkAnUpstreamDownAndEndWithTheirConfig(t *testing.T) {
+	checkLeaks(t)
+	live := chaintest.NewEchoBackend(t)
+	dead := chaintest.RefusedAddr(t)
+	addr := chaintest.FreeAddr(t)
+	servers := func(active map[string]any) map[string]any {
+		h := map[string]any{"upstreams": upstreams(dead, live.Addr)}
+		if active != nil {
+			h["health_checks"] = map[string]any{"active": active}
+		}
+		return map[string]any{"hop": server(addr, h)}
+	}
+	admin := startCaddyWithAdmin(t, servers(map[string]any{"interval": "1h", "timeout": "1s"}), nil)
+
+	// The probe runs in the background and nothing reports its end but
+	// the upstream's health, so poll the admin API for it.
+	deadline := time.Now().Add(3 * time.Second)
+	for upstreamInfo(t, admin.upstreams(), dead).Health != layer4chain.HealthUnhealthy {
+		if time.Now().After(deadline) {
+			t.Fatalf("refusing upstream not marked unhealthy by the first probe: %+v", admin.upstreams())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if h := upstreamInfo(t, admin.upstreams(), live.Addr).Health; h != layer4chain.HealthHealthy {
+		t.Fatalf("live upstream: %s", h)
+	}
+	// An unhealthy upstream is not dialed: the client reaches the live one
+	// without a refused dial.
+	failures := processTracker().DialFailures(layer4chain.ReasonConnectRefused)
+	c := chaintest.Dial(t, addr)
+	roundTrip(t, c, "skips the unhealthy upstream")
+	c.Close()
+	if got := processTracker().DialFailures(layer4chain.ReasonConnectRefused); got != failures {
+		t.Fatalf("the unhealthy upstream was dialed: %d refused dials, %d before", got, failures)
+	}
+
+	admin.load(caddyConfigWith(servers(nil), strings.TrimPrefix(admin.base, "http://"), nil))
+	if h := upstreamInfo(t, admin.upstreams(), dead).Health; h != layer4chain.HealthHealthy {
+		t.Fatalf("after a reload without active checks the upstream is %s; their verdict should end with them", h)
+	}
+}

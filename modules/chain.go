@@ -484,6 +484,16 @@ func (h *Handler) check() error {
 // the engine's: "tcp/" is dropped, so "tcp/h:p" and "h:p" are one upstream;
 // "tcp4/" and "tcp6/" are kept, for the engine dials over that family.
 func dialAddr(addr string) (string, error) {
+	// Placeholders known at load ({env.*}, {system.*}, ...) are resolved
+	// here, once, as caddy-l4's proxy does; what is left would need the
+	// connection ({l4.tls.server_name}, ...), which chain does not resolve.
+	if strings.Contains(addr, "{") {
+		resolved := caddy.NewReplacer().ReplaceKnown(addr, "")
+		if i := strings.Index(resolved, "{"); i >= 0 && strings.Contains(resolved[i:], "}") {
+			return "", fmt.Errorf("%q has a placeholder that is only known per connection; chain resolves placeholders known at load (such as {env.NAME}) only", addr)
+		}
+		addr = resolved
+	}
 	na, err := caddy.ParseNetworkAddress(addr)
 	if err == nil {
 		switch {

@@ -252,3 +252,20 @@ func TestAllowEveryPeerWarnsAtLoad(t *testing.T) {
 		t.Fatalf("warned for prefixes %q, want 0.0.0.0/0 and ::/0 only; log:\n%s", warned, log)
 	}
 }
+
+// TestDialPlaceholdersKnownAtLoadAreResolved: {env.*} in a dial address is
+// resolved when the config loads; a placeholder only a connection knows is
+// refused with what chain supports.
+func TestDialPlaceholdersKnownAtLoadAreResolved(t *testing.T) {
+	t.Setenv("LAYER4CHAIN_TEST_UPSTREAM", "127.0.0.1:9")
+	if got, err := dialAddr("{env.LAYER4CHAIN_TEST_UPSTREAM}"); err != nil || got != "127.0.0.1:9" {
+		t.Fatalf("dialAddr({env...}) = %q, %v", got, err)
+	}
+	if got, err := dialAddr("tcp4/127.0.0.1:{env.LAYER4CHAIN_TEST_PORT_UNSET}9"); err != nil || got != "tcp4/127.0.0.1:9" {
+		t.Fatalf("an unset env placeholder: %q, %v; want it empty", got, err)
+	}
+	_, err := dialAddr("{l4.tls.server_name}:443")
+	if err == nil || !strings.Contains(err.Error(), "only known per connection") {
+		t.Fatalf("a connection placeholder: %v", err)
+	}
+}

@@ -17,7 +17,8 @@ import (
 // seconds rather than the kernel's minutes of SYN retries, and so dead peers
 // behind NAT are noticed well before typical idle timeouts.
 const (
-	defaultConnectTimeout = 5 * time.Second
+	// DefaultConnectTimeout bounds each dial attempt when no timeout is set.
+	DefaultConnectTimeout = 5 * time.Second
 	// DefaultKeepAlive is the TCP keepalive period of the upstream socket.
 	// (Client sockets accepted by Caddy's listeners get the same period
 	// from Go's listener default.)
@@ -273,7 +274,7 @@ func (d *Dialer) netDialer() net.Dialer {
 
 func (d *Dialer) connectTimeout() time.Duration {
 	if d.ConnectTimeout <= 0 {
-		return defaultConnectTimeout
+		return DefaultConnectTimeout
 	}
 	return d.ConnectTimeout
 }

@@ -38,9 +38,6 @@ type PassiveHealth struct {
 	// UnhealthyConnectionCount skips an upstream with at least this many
 	// active connections; 0 means no such limit.
 	UnhealthyConnectionCount int
-	// CloseIfUnhealthy closes the connections already proxied to an
-	// upstream whose circuit opens (reason upstream_unhealthy).
-	CloseIfUnhealthy bool
 }
 
 func (p *PassiveHealth) on() bool { return p != nil && p.FailDuration > 0 }

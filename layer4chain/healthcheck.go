@@ -11,8 +11,10 @@ import (
 
 // Defaults of active health checks, as caddy-l4's proxy has them.
 const (
-	defaultHealthInterval = 30 * time.Second
-	defaultHealthTimeout  = 5 * time.Second
+	// DefaultHealthInterval is the time between two probes of an upstream.
+	DefaultHealthInterval = 30 * time.Second
+	// DefaultHealthTimeout bounds one probe.
+	DefaultHealthTimeout = 5 * time.Second
 )
 
 // ActiveHealth is a handler's active health checks: a TCP connect to every
@@ -95,7 +97,7 @@ func (c *checker) withdraw() {
 func (c *checker) run(ctx context.Context) {
 	interval := c.cfg.Interval
 	if interval <= 0 {
-		interval = defaultHealthInterval
+		interval = DefaultHealthInterval
 	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
@@ -135,7 +137,7 @@ func (c *checker) probeAll(ctx context.Context) {
 func (c *checker) probe(ctx context.Context, u *Upstream) error {
 	timeout := c.cfg.Timeout
 	if timeout <= 0 {
-		timeout = defaultHealthTimeout
+		timeout = DefaultHealthTimeout
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()

@@ -50,8 +50,8 @@ const (
 	// acceptBufSize holds any v1 header and any v2 header for TCP over IPv4 or
 	// IPv6 with the chain TLVs, so the common path needs this one buffer only.
 	acceptBufSize = 256
-	// defaultProxyTimeout applies when ProxyAcceptor.Timeout is not positive.
-	defaultProxyTimeout = 3 * time.Second
+	// DefaultProxyTimeout applies when ProxyAcceptor.Timeout is not positive.
+	DefaultProxyTimeout = 3 * time.Second
 	// maxEmptyReads bounds a reader that keeps returning (0, nil), which
 	// io.Reader discourages but does not forbid; without a bound Accept could
 	// spin until the deadline on a broken reader that ignores deadlines.
@@ -269,7 +269,7 @@ type ProxyAcceptor struct {
 // timeout is the header's deadline, defaulted.
 func (a *ProxyAcceptor) timeout() time.Duration {
 	if a == nil || a.Timeout <= 0 {
-		return defaultProxyTimeout
+		return DefaultProxyTimeout
 	}
 	return a.Timeout
 }

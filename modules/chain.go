@@ -28,10 +28,10 @@ func init() {
 // Defaults of the handler, documented on the fields they fill. What 0 and
 // negative values mean is decided once, in limits.go.
 const (
-	defaultConnectTimeout   = 5 * time.Second
+	defaultConnectTimeout   = layer4chain.DefaultConnectTimeout
 	defaultIdleTimeout      = time.Hour
 	defaultHalfCloseTimeout = 5 * time.Minute
-	defaultAcceptTimeout    = 3 * time.Second
+	defaultAcceptTimeout    = layer4chain.DefaultProxyTimeout
 	// maxMaxHops is the most hops the hop-count TLV (one byte) can count.
 	maxMaxHops = 255
 )
@@ -354,7 +354,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			FailDuration:             resolveDuration(ps.FailDuration, 0),
 			MaxFails:                 resolveLimit(ps.MaxFails, defaultMaxFails),
 			UnhealthyConnectionCount: resolveLimit(ps.UnhealthyConnectionCount, 0),
-			CloseIfUnhealthy:         ps.CloseIfUnhealthy,
 		}
 		if ps.CloseIfUnhealthy {
 			p.Dialer.OnOpen = func(u *layer4chain.Upstream) {

@@ -2,7 +2,7 @@ package modules
 
 import (
 	"fmt"
-	"time"
+	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -11,11 +11,11 @@ import (
 // they fill.
 const (
 	defaultMaxFails       = 1
-	defaultHealthInterval = 30 * time.Second
-	defaultHealthTimeout  = 5 * time.Second
+	defaultHealthInterval = layer4chain.DefaultHealthInterval
+	defaultHealthTimeout  = layer4chain.DefaultHealthTimeout
 	defaultHealthFall     = 1
 	defaultHealthRise     = 1
-	defaultTryInterval    = 250 * time.Millisecond
+	defaultTryInterval    = layer4chain.DefaultTryInterval
 )
 
 // Why a health or retry option cannot be switched off. Each is the end of

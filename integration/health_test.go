@@ -1045,6 +1045,22 @@ func TestHealthStateSurvivesAReloadAndLeavesWithTheUpstream(t *testing.T) {
 		t.Errorf("after the reload the open upstream was dialed again: %d refused dials, want 1", n)
 	}
 
+	// A config that fails to load, with a new upstream, changes nothing:
+	// the circuit stays open and the new upstream is not kept.
+	other := chaintest.RefusedAddr(t)
+	status, body := loadStatus(t, hop.base(), config(fmt.Sprintf(`{"handler": "chain",
+		"upstreams": [{"dial": [%q]}, {"dial": [%q]}, {"dial": [%q]}],
+		"load_balancing": {"selection": {"policy": "no_such_policy"}}}`, other, refused, b.addr)))
+	if status < 400 || status > 499 {
+		t.Fatalf("a config with an unknown policy loaded: %d %s", status, body)
+	}
+	if list, raw := upstreams(t, hop.admin); len(list) != 2 || list[0].Health == "healthy" && list[1].Health == "healthy" {
+		t.Fatalf("after a rejected config: %s, want only the running config's two upstreams, one open", raw)
+	}
+	if u, _ := upstreamOf(t, hop.admin, refused); u.Health != "open" {
+		t.Fatalf("after a rejected config the open upstream is %+v", u)
+	}
+
 	mustLoad(t, hop.base(), config(handler("3s", b.addr)))
 	if _, ok := upstreamOf(t, hop.admin, refused); ok {
 		_, raw := upstreams(t, hop.admin)
@@ -1149,10 +1165,126 @@ func TestHealthRejectedConfigKeepsTheMetrics(t *testing.T) {
 		}
 	}
 	check("before any reload")
-	status, body := loadStatus(t, hop.base(), hopConfig(hop.admin, hop.listen, `, "max_connections": 5`,
-		fmt.Sprintf(`{"handler": "chain", "upstreams": [{"dial": [%q]}], "no_such_field": 1}`, b.addr)))
+	// A config without the app: the handler fails before it would load
+	// it, so the new registry never gets the app's collectors (with the
+	// app in the config, whether they are there depends on the order
+	// Caddy provisions its apps in).
+	status, body := loadStatus(t, hop.base(), fmt.Sprintf(`{"admin": {"listen": %q},
+		"apps": {"layer4": {"servers": {"hop": {"listen": [%q], "routes": [{"handle": [
+			{"handler": "chain", "upstreams": [{"dial": [%q]}], "no_such_field": 1}]}]}}}}}`, hop.admin, hop.listen, b.addr))
 	if status < 400 || status > 499 {
 		t.Fatalf("a config with an unknown handler field loaded: %d %s", status, body)
 	}
 	check("after a rejected config")
+}
+
+// TestHealthTryDurationWaitsForAnUpstreamToComeBack has every upstream's
+// circuit open and try_duration set: a client is held while nothing can be
+// dialed, gets through once an upstream is available again within the
+// bound, and is closed with no_healthy_upstream when the bound passes.
+func TestHealthTryDurationWaitsForAnUpstreamToComeBack(t *testing.T) {
+	const coolDown, tryDuration = 300 * time.Millisecond, 1500 * time.Millisecond
+	a := startNamedBackend(t, "A", "")
+	hop := startHealthHop(t, "", fmt.Sprintf(`{"handler": "chain",
+		"upstreams": [{"dial": [%q]}],
+		"load_balancing": {"try_duration": %q, "try_interval": "50ms"},
+		"health_checks": {"passive": {"fail_duration": %q, "max_fails": 1}}}`, a.addr, tryDuration.String(), coolDown.String()))
+	a.close()
+	c := chaintest.Dial(t, hop.listen)
+	start := time.Now()
+	waitHealth(t, hop.admin, a.addr, "open", time.Second)
+
+	// The client is still held: A comes back, its cool-down ends, the
+	// client's next round dials it as the trial.
+	a = startNamedBackend(t, "A", a.addr)
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if took := time.Since(start); err != nil || line != "A\n" || took > tryDuration {
+		t.Fatalf("held client: %q (%v) after %v, want A's greeting within try_duration %v", line, err, took, tryDuration)
+	}
+	c.Close()
+
+	// A stops again: the next client opens the circuit and is held for
+	// try_duration before it is closed (the cool-down's trial is refused
+	// too, and reopens it).
+	a.close()
+	c = chaintest.Dial(t, hop.listen)
+	got, took, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if len(got) != 0 || took < tryDuration-100*time.Millisecond || took > tryDuration+500*time.Millisecond {
+		t.Fatalf("client with no upstream to come back: %q, closed after %v, want after try_duration %v", got, took, tryDuration)
+	}
+	waitClosedWith(t, hop.proc, "no_healthy_upstream", 1, 5*time.Second)
+}
+
+// TestHealthTriesBeyondTheUpstreamsAreSpacedByTryInterval has one refused
+// upstream and tries 4: the same upstream is dialed 4 times, try_interval
+// apart, not in a tight loop.
+func TestHealthTriesBeyondTheUpstreamsAreSpacedByTryInterval(t *testing.T) {
+	refused := chaintest.RefusedAddr(t)
+	hop := startHealthHop(t, "", fmt.Sprintf(`{"handler": "chain",
+		"upstreams": [{"dial": [%q]}],
+		"load_balancing": {"tries": 4, "try_interval": "100ms"}}`, refused))
+	c := chaintest.Dial(t, hop.listen)
+	_, took, _ := chaintest.ReadUntilClosed(c, 5*time.Second)
+	if took < 280*time.Millisecond || took > time.Second {
+		t.Errorf("4 tries on one refused upstream, 100ms apart, took %v; want about 300ms", took)
+	}
+	waitClosedWith(t, hop.proc, "connect_refused", 1, 5*time.Second)
+	if n := getHealthStats(t, hop.admin).DialFailures["connect_refused"]; n != 4 {
+		t.Errorf("%d refused dials, want 4 tries", n)
+	}
+}
+
+// TestHealthFullUpstreamIsSkipped gives the first upstream max_connections
+// 1: while it holds a connection the next client goes to the second, and
+// once that connection ends the first takes clients again.
+func TestHealthFullUpstreamIsSkipped(t *testing.T) {
+	a, b := startNamedBackend(t, "A", ""), startNamedBackend(t, "B", "")
+	hop := startHealthHop(t, "", fmt.Sprintf(`{"handler": "chain",
+		"upstreams": [{"dial": [%q], "max_connections": 1}, {"dial": [%q]}],
+		"load_balancing": {"selection": {"policy": "first"}}}`, a.addr, b.addr))
+	first, _, name, _ := mustReach(t, hop.listen)
+	if name != "A" {
+		t.Fatalf("first client reached %s", name)
+	}
+	if _, _, name, took := mustReach(t, hop.listen); name != "B" || took > 100*time.Millisecond {
+		t.Fatalf("with A full, a client reached %s after %v", name, took)
+	}
+	if u, _ := upstreamOf(t, hop.admin, a.addr); u.ActiveConnections != 1 || u.Health != "healthy" {
+		t.Errorf("full upstream A: %+v, want healthy with 1 active connection", u)
+	}
+	if v, _ := metricValue(metricsText(t, hop.admin), "caddy_layer4chain_upstream_active_connections", map[string]string{"upstream": a.addr}); v != 1 {
+		t.Errorf("upstream_active_connections{upstream=A} = %v, want 1", v)
+	}
+	first.Close()
+	for deadline := time.Now().Add(3 * time.Second); ; {
+		if u, _ := upstreamOf(t, hop.admin, a.addr); u.ActiveConnections == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("A's connection did not end after its client closed")
+		}
+		<-time.After(pollEvery)
+	}
+	if _, _, name, _ := mustReach(t, hop.listen); name != "A" {
+		t.Fatalf("with A free again, a client reached %s", name)
+	}
+}
+
+// TestHealthWeightedRoundRobinFollowsTheWeights sends 8 clients over
+// upstreams of weight 3 and 1: 6 and 2.
+func TestHealthWeightedRoundRobinFollowsTheWeights(t *testing.T) {
+	a, b := startNamedBackend(t, "A", ""), startNamedBackend(t, "B", "")
+	hop := startHealthHop(t, "", fmt.Sprintf(`{"handler": "chain",
+		"upstreams": [{"dial": [%q], "weight": 3}, {"dial": [%q]}],
+		"load_balancing": {"selection": {"policy": "weighted_round_robin"}}}`, a.addr, b.addr))
+	count := map[string]int{}
+	for i := 0; i < 8; i++ {
+		c, _, name, _ := mustReach(t, hop.listen)
+		c.Close()
+		count[name]++
+	}
+	if count["A"] != 6 || count["B"] != 2 {
+		t.Fatalf("weights 3 and 1 over 8 clients: %v", count)
+	}
 }

@@ -71,13 +71,26 @@ type upstreamState struct {
 	LastErrorAt         *time.Time `json:"last_error_at"`
 }
 
+// adminGet GETs url from a hop's admin endpoint. Each /load replaces the
+// admin server, and the old one closes its listener in the background: a
+// request that lands in its queue just then is reset, so one that fails to
+// connect or is reset is sent once more.
+func adminGet(t *testing.T, url string) *http.Response {
+	t.Helper()
+	resp, err := admin.Get(url)
+	if err != nil {
+		resp, err = admin.Get(url)
+	}
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	return resp
+}
+
 // upstreams returns the hop's /layer4chain/upstreams, decoded and raw.
 func upstreams(t *testing.T, adminAddr string) ([]upstreamState, string) {
 	t.Helper()
-	resp, err := admin.Get("http://" + adminAddr + "/layer4chain/upstreams")
-	if err != nil {
-		t.Fatalf("upstreams of %s: %v", adminAddr, err)
-	}
+	resp := adminGet(t, "http://"+adminAddr+"/layer4chain/upstreams")
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusOK {
@@ -131,10 +144,7 @@ type healthStats struct {
 
 func getHealthStats(t *testing.T, adminAddr string) healthStats {
 	t.Helper()
-	resp, err := admin.Get("http://" + adminAddr + "/layer4chain/stats")
-	if err != nil {
-		t.Fatalf("stats of %s: %v", adminAddr, err)
-	}
+	resp := adminGet(t, "http://"+adminAddr+"/layer4chain/stats")
 	defer resp.Body.Close()
 	var s healthStats
 	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
@@ -146,10 +156,7 @@ func getHealthStats(t *testing.T, adminAddr string) healthStats {
 // metricsText returns the hop's /metrics.
 func metricsText(t *testing.T, adminAddr string) string {
 	t.Helper()
-	resp, err := admin.Get("http://" + adminAddr + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := adminGet(t, "http://"+adminAddr+"/metrics")
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)

@@ -640,6 +640,8 @@ func TestHealthHalfOpenTrialLetsOneConnectionThroughAndRestores(t *testing.T) {
 	if u, _ := upstreamOf(t, hop.admin, a.addr); u.Health != "open" {
 		t.Fatalf("after a refused dial with max_fails 1, A is %+v", u)
 	}
+	_, raw := upstreams(t, hop.admin)
+	t.Logf("GET /layer4chain/upstreams, A's circuit open: %s", raw)
 
 	// A's port turns into a black hole while the circuit is open; a
 	// client now still goes straight to B.
@@ -687,6 +689,8 @@ func TestHealthHalfOpenTrialLetsOneConnectionThroughAndRestores(t *testing.T) {
 	if u, _ := upstreamOf(t, hop.admin, a.addr); u.Health != "open" || u.ConsecutiveFailures != 2 {
 		t.Fatalf("after the failed trial A is %+v, want open with 2 consecutive failures", u)
 	}
+	_, raw = upstreams(t, hop.admin)
+	t.Logf("GET /layer4chain/upstreams, after the failed trial: %s", raw)
 
 	// A comes back on the same port: after the cool-down one client is the
 	// trial, reaches A and closes the circuit.

@@ -36,6 +36,18 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
+// Provision registers the process's metrics in the registry of the config
+// being loaded. Caddy swaps the admin server, and the registry /metrics
+// serves, before it provisions the apps, and keeps the new one when a
+// config fails to load: without this, a rejected config would take every
+// caddy_layer4chain_ series off /metrics until the next good load.
+func (adminAPI) Provision(ctx caddy.Context) error {
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
+	return nil
+}
+
 // Routes returns the admin routes.
 func (a adminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
@@ -172,4 +184,7 @@ func writeJSON(w http.ResponseWriter, v any) error {
 }
 
 // Interface guards
-var _ caddy.AdminRouter = adminAPI{}
+var (
+	_ caddy.AdminRouter = adminAPI{}
+	_ caddy.Provisioner = adminAPI{}
+)

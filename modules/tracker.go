@@ -179,7 +179,7 @@ func (list failedDials) MarshalLogArray(enc zapcore.ArrayEncoder) error {
 			enc.AddString("upstream", a.Upstream)
 			enc.AddString("reason", string(a.Reason))
 			enc.AddString("error", a.Error)
-			enc.AddDuration("duration", a.Duration)
+			enc.AddInt64("duration_ns", int64(a.Duration)) // as the admin API has it
 			return nil
 		})); err != nil {
 			return err

@@ -281,7 +281,7 @@ func TestHealthTransitionsAndFailedDialsAreLogged(t *testing.T) {
 		Upstream    string
 		FailedDials []struct {
 			Upstream, Reason, Error string
-			Duration                float64
+			Duration                int64 `json:"duration_ns"`
 		} `json:"failed_dials"`
 	}
 	if err := json.Unmarshal([]byte(lines[0]), &access); err != nil {

@@ -55,8 +55,8 @@ func caddyBinary(t testing.TB) string {
 	return caddyBin
 }
 
-// process is a Caddy started by a test; it is stopped (by its PID) when the
-// test ends.
+// process is a Caddy (or another server, see startCaddyCommand) started by
+// a test; it is stopped (by its PID) when the test ends.
 type process struct {
 	cmd    *exec.Cmd
 	output *syncBuffer
@@ -128,7 +128,7 @@ func startCaddyCommand(t testing.TB, env []string, ready []string, name string, 
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
 		cancel()
-		t.Fatalf("starting caddy: %v", err)
+		t.Fatalf("starting %s: %v", filepath.Base(name), err)
 	}
 	exited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(exited) }()
@@ -142,7 +142,7 @@ func startCaddyCommand(t testing.TB, env []string, ready []string, name string, 
 		}
 		cancel()
 		if t.Failed() {
-			t.Logf("caddy output:\n%s", out)
+			t.Logf("%s output:\n%s", filepath.Base(name), out)
 		}
 	})
 	p := &process{cmd: cmd, output: out, exited: exited}
@@ -151,6 +151,10 @@ func startCaddyCommand(t testing.TB, env []string, ready []string, name string, 
 	}
 	return p
 }
+
+// name is the program the process runs, for messages: "caddy", or
+// another server a test runs next to it ("haproxy", "nginx").
+func (p *process) name() string { return filepath.Base(p.cmd.Path) }
 
 // waitOutput waits until the process has written substr.
 func (p *process) waitOutput(t testing.TB, substr string, within time.Duration) {
@@ -165,10 +169,10 @@ func (p *process) waitOutput(t testing.TB, substr string, within time.Duration) 
 		case <-written:
 		case <-p.exited:
 			if found, _ := p.output.contains(substr); !found {
-				t.Fatalf("caddy exited without writing %q:\n%s", substr, p.output)
+				t.Fatalf("%s exited without writing %q:\n%s", p.name(), substr, p.output)
 			}
 		case <-timeout:
-			t.Fatalf("caddy did not write %q within %v:\n%s", substr, within, p.output)
+			t.Fatalf("%s did not write %q within %v:\n%s", p.name(), substr, within, p.output)
 		}
 	}
 }
@@ -217,7 +221,7 @@ func (p *process) waitListening(t testing.TB, addr string) {
 		}
 		select {
 		case <-p.exited:
-			t.Fatalf("caddy exited before %s listened:\n%s", addr, p.output)
+			t.Fatalf("%s exited before %s listened:\n%s", p.name(), addr, p.output)
 		case <-time.After(20 * time.Millisecond): // polling the kernel's socket table: there is no event to wait on
 		}
 		if time.Now().After(deadline) {

@@ -75,6 +75,7 @@ type Tracker struct {
 	stateCounts     [len(stateNames)]atomic.Int64
 	total           atomic.Int64
 	sweeps          atomic.Int64
+	lastSweep       atomic.Int64 // unix ns when the last sweep started
 	zombies         atomic.Int64
 	closedBytesUp   atomic.Int64
 	closedBytesDown atomic.Int64
@@ -354,6 +355,7 @@ const ZombieAfter = 10 * time.Second
 // were never removed. Zombies are bugs: ZombiesReaped must stay 0.
 func (t *Tracker) Sweep(now time.Time) SweepResult {
 	start := time.Now()
+	t.lastSweep.Store(start.UnixNano())
 	t.mu.Lock()
 	records := make([]*Record, 0, len(t.records))
 	for _, r := range t.records {
@@ -515,6 +517,15 @@ func (t *Tracker) Bytes() (up, down int64) {
 	}
 	t.mu.Unlock()
 	return up, down
+}
+
+// LastSweep returns when the last sweep started (the zero time before the
+// first).
+func (t *Tracker) LastSweep() time.Time {
+	if ns := t.lastSweep.Load(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 // Sweeps returns how many sweeps ran.

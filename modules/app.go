@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -131,7 +133,10 @@ func (a *App) connectionLimit() connectionLimit {
 // Start applies the connection limit, makes this config's logger the one
 // connection lines go through, and runs the sweeps.
 func (a *App) Start() error {
-	a.tracker.MaxConnections.Store(int64(a.limit.max))
+	running.mu.Lock()
+	running.apps = append(running.apps, a)
+	a.apply()
+	running.mu.Unlock()
 	fields := []zap.Field{zap.Int("max_connections", a.limit.max), zap.String("source", a.limit.source)}
 	if a.limit.nofile > 0 {
 		fields = append(fields, zap.Uint64("rlimit_nofile", a.limit.nofile))
@@ -143,15 +148,57 @@ func (a *App) Start() error {
 			"a listener whose accept fails with EMFILE stops accepting until the next reload",
 			append(fields, zap.Int("safe_max_connections", derived))...)
 	}
-	appLogger.Store(a.logger)
 
 	a.stop, a.stopped = make(chan struct{}), make(chan struct{})
 	go a.sweep(time.Duration(a.SweepInterval))
 	return nil
 }
 
+// running holds the started apps, oldest first. The newest one's settings
+// (the connection limit, the logger) are the process's. A reload starts the
+// new config's app before it stops the old one; a load that fails stops the
+// new app while the old config goes on. So stopping the newest app hands
+// the process back to the one started before it, and a rejected config
+// leaves nothing of itself behind.
+var running struct {
+	mu   sync.Mutex
+	apps []*App
+}
+
+// apply makes this app's settings the process's. running.mu must be held.
+func (a *App) apply() {
+	a.tracker.MaxConnections.Store(int64(a.limit.max))
+	appLogger.Store(a.logger)
+}
+
+// retire removes the app from the running ones; if it was the newest, the
+// one before it (if any) takes over, else lines go back to Caddy's default
+// log rather than to outputs this config is about to close.
+func (a *App) retire() {
+	running.mu.Lock()
+	defer running.mu.Unlock()
+	i := slices.Index(running.apps, a)
+	if i < 0 {
+		return
+	}
+	running.apps = slices.Delete(running.apps, i, i+1)
+	if i < len(running.apps) {
+		return // a newer app runs the process
+	}
+	if n := len(running.apps); n > 0 {
+		running.apps[n-1].apply()
+		return
+	}
+	appLogger.CompareAndSwap(a.logger, nil)
+}
+
 func (a *App) sweep(interval time.Duration) {
 	defer close(a.stopped)
+	// A reload starts a new ticker: sweep at once if one is due, so that
+	// reloads more frequent than the interval cannot starve the sweep.
+	if now := time.Now(); now.Sub(a.tracker.LastSweep()) >= interval {
+		a.tracker.Sweep(now)
+	}
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
@@ -174,10 +221,9 @@ func (a *App) Stop() error {
 		<-a.stopped
 		a.stop = nil
 	}
-	// A config started after this one has taken over the log; if none
-	// did, lines go back to Caddy's default log rather than to outputs
-	// this config is about to close.
-	defer appLogger.CompareAndSwap(a.logger, nil)
+	// On exit the drain's lines still go through this app's logger, so it
+	// retires last.
+	defer a.retire()
 	if !caddy.Exiting() {
 		return nil
 	}

@@ -3,15 +3,17 @@ package layer4chain
 import "math"
 
 // A proxied connection holds two file descriptors (client and upstream
-// sockets). A process that runs out of descriptors fails accept(2) with
+// sockets), and a third when its upstream is served by the same process
+// (the quickstart's HTTP backend, or the next hop of a chain run by one
+// Caddy), which the tracker cannot tell apart. A process that runs out of descriptors fails accept(2) with
 // EMFILE, and caddy-l4's accept loop stops for good on that error, so the
 // process's connection limit must keep proxied connections below the file
 // limit, with room for everything else the process opens: listeners, log
 // files, the admin API, health probes, and sockets accepted but not yet
 // admitted or already refused.
 const (
-	// fdsPerConnection is what one admitted connection holds.
-	fdsPerConnection = 2
+	// fdsPerConnection is the most one admitted connection holds.
+	fdsPerConnection = 3
 	// minFileReserve and maxFileReserve bound the descriptors left for the
 	// process's other files: a quarter of the limit, within these bounds.
 	minFileReserve = 64

@@ -7,16 +7,16 @@ func TestConnectionLimitLeavesFilesForTheRestOfTheProcess(t *testing.T) {
 		nofile uint64
 		want   int
 	}{
-		{1024, (1024 - 256) / 2},      // a quarter kept back
-		{100, (100 - 64) / 2},         // at least 64 kept back
-		{1 << 20, (1<<20 - 4096) / 2}, // at most 4096 kept back
-		{65, 1},                       // never 0, which would mean no limit
+		{1024, (1024 - 256) / 3},      // a quarter kept back
+		{100, (100 - 64) / 3},         // at least 64 kept back
+		{1 << 20, (1<<20 - 4096) / 3}, // at most 4096 kept back
+		{66, 1},                       // never 0, which would mean no limit
 		{1 << 40, 0},                  // unreachable: no limit
 	} {
 		if got := ConnectionLimitForFiles(tc.nofile); got != tc.want {
 			t.Errorf("ConnectionLimitForFiles(%d) = %d, want %d", tc.nofile, got, tc.want)
 		}
-		if got := ConnectionLimitForFiles(tc.nofile); got > 1 && uint64(2*got) >= tc.nofile {
+		if got := ConnectionLimitForFiles(tc.nofile); got > 1 && uint64(3*got) >= tc.nofile {
 			t.Errorf("ConnectionLimitForFiles(%d) = %d leaves no file for anything else", tc.nofile, got)
 		}
 	}

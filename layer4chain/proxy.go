@@ -89,6 +89,11 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return reason
 	}
 	if maxHops := p.maxHops(); o.hops >= maxHops {
+		// The rejected header's chain ID and client are what an operator
+		// needs to find the loop.
+		r.mu.Lock()
+		r.chainID, r.hop, r.originalClient = o.chainID, o.hops+1, o.client
+		r.mu.Unlock()
 		r.setDetail(fmt.Errorf("%d hops before this one, max_hops is %d", o.hops, maxHops))
 		return ReasonLoopDetected
 	}
@@ -261,12 +266,21 @@ func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte)
 // connectPhase bounds how long a connection may stay connecting: the PROXY
 // header's deadline plus every dial attempt.
 func (p *Proxy) connectPhase() time.Duration {
-	d := time.Duration(p.Balancer.Tries())*(p.Dialer.connectTimeout()+p.Dialer.tryInterval()) + p.TryDuration
+	// In float seconds, so that long timeouts times many tries saturate
+	// instead of overflowing into a deadline in the past.
+	s := float64(p.Balancer.Tries())*(p.Dialer.connectTimeout()+p.Dialer.tryInterval()).Seconds() + p.TryDuration.Seconds()
 	if p.Accept != nil {
-		d += p.Accept.timeout()
+		s += p.Accept.timeout().Seconds()
 	}
-	return d
+	if s >= maxConnectPhase.Seconds() {
+		return maxConnectPhase
+	}
+	return time.Duration(s * float64(time.Second))
 }
+
+// maxConnectPhase caps connectPhase far beyond any sensible configuration
+// and far before the nanosecond clock ends (2262).
+const maxConnectPhase = 100 * 365 * 24 * time.Hour
 
 func (p *Proxy) maxHops() int {
 	if p.MaxHops > 0 {

@@ -234,6 +234,10 @@ func TestCloseDetailSaysWhatTheReasonCannot(t *testing.T) {
 			return &Proxy{Balancer: balancerFor(t, chaintest.NewEchoBackend(t).Addr),
 				Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}}
 		}, "PROXY TCP4 127.0.0.9 127.0.0.1 1 2\r\n", ReasonProxyProtocolRejected, "untrusted"},
+		{"loop", func(t *testing.T) *Proxy {
+			return &Proxy{Balancer: balancerFor(t, chaintest.RefusedAddr(t)), MaxHops: 2,
+				Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}}
+		}, loopHeader(t), ReasonLoopDetected, "2 hops before this one, max_hops is 2"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			closed := closedRecords{make(chan RecordInfo, 1)}
@@ -247,6 +251,33 @@ func TestCloseDetailSaysWhatTheReasonCannot(t *testing.T) {
 			if info.Reason != tc.reason || !strings.Contains(info.Detail, tc.detail) {
 				t.Fatalf("closed with %s (%q), want %s with a detail mentioning %q", info.Reason, info.Detail, tc.reason, tc.detail)
 			}
+			if tc.reason == ReasonLoopDetected && (info.ChainID != "feedc0de" || info.OriginalClient != "127.0.0.9:1") {
+				t.Fatalf("a loop's record has chain ID %q and client %q, want the rejected header's", info.ChainID, info.OriginalClient)
+			}
 		})
 	}
+}
+
+func TestConnectPhaseSaturatesInsteadOfOverflowing(t *testing.T) {
+	b, err := NewBalancer("", []*Upstream{NewUpstream("127.0.0.1:9")}, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Proxy{Balancer: b, Dialer: &Dialer{ConnectTimeout: 100 * 365 * 24 * time.Hour}}
+	if got := p.connectPhase(); got != maxConnectPhase {
+		t.Fatalf("connectPhase = %v, want the cap %v", got, maxConnectPhase)
+	}
+	if end := time.Now().Add(p.connectPhase()).UnixNano(); end < time.Now().UnixNano() {
+		t.Fatal("the connect deadline lies in the past")
+	}
+}
+
+// loopHeader is a PROXY v2 header that has been through 2 hops already.
+func loopHeader(t *testing.T) string {
+	b, err := ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("127.0.0.9:1"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:2"), ChainID: "feedc0de", Hops: 2}.AppendTo(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }

@@ -461,8 +461,10 @@ func (h *Handler) check() error {
 	default:
 		return fmt.Errorf("proxy_protocol: unknown version %q (want v1 or v2)", h.ProxyProtocol)
 	}
-	if lb := h.LoadBalancing; lb != nil && lb.Tries < 0 {
-		return fmt.Errorf("load_balancing.tries: must not be negative, got %d", lb.Tries)
+	if lb := h.LoadBalancing; lb != nil {
+		if err := checkLimit("load_balancing.tries", lb.Tries, whyTriesOn, maxTries); err != nil {
+			return err
+		}
 	}
 	if err := checkRetry(h.LoadBalancing); err != nil {
 		return err

@@ -30,6 +30,15 @@ import (
 // sense on a network, so one below it is a unit mistake.
 const minDuration = time.Millisecond
 
+// maxDuration is the longest duration an option may have: longer ones
+// overflow a deadline computed from now (time.Time's nanoseconds end in
+// 2262), and mean "never", which is what off (-1) is for.
+const maxDuration = 100 * 365 * 24 * time.Hour
+
+// maxTries bounds load_balancing.tries: each try is planned per connection,
+// and beyond the upstreams each one waits try_interval first.
+const maxTries = 100
+
 // Why an option cannot be switched off. Each is the end of the error an
 // operator sees when trying, and the README says the same.
 const (
@@ -37,6 +46,8 @@ const (
 	whyConnectTimeoutOn = "an unreachable upstream would hold each client for the kernel's minutes of SYN retries"
 	// whyAcceptTimeoutOn is the reason accept_proxy_protocol.timeout cannot be off.
 	whyAcceptTimeoutOn = "a peer that never finishes its header would hold the connection forever"
+	// whyTriesOn is the reason load_balancing.tries cannot be off.
+	whyTriesOn = "every connection needs a bounded number of dial attempts; leave it out for one per upstream"
 	// whyMaxHopsOn is the reason max_hops cannot be off.
 	whyMaxHopsOn = "a loop between hops would multiply connections without end"
 	// whySweepIntervalOn is the reason the app's sweep_interval cannot be off.
@@ -60,10 +71,17 @@ func checkDuration(name string, d caddy.Duration, whyNotOff string) error {
 			return fmt.Errorf("%s: cannot be switched off (got %s): %s; leave it out or set 0 for the default", name, time.Duration(d), whyNotOff)
 		}
 		return nil
-	case time.Duration(d) < minDuration:
-		// The count of nanoseconds is almost always a count of seconds
-		// written as a bare JSON number.
+	case time.Duration(d) < minDuration && (d < 1000 || d%1000 != 0):
+		// A count of nanoseconds like this is almost always a count of
+		// seconds written as a bare JSON number; one written with a unit
+		// ("500us") is a whole number of microseconds.
 		return fmt.Errorf("%s: %s; did you mean \"%ds\"?", name, time.Duration(d), int64(d))
+	case time.Duration(d) < minDuration:
+		return fmt.Errorf("%s: %s is below the 1ms minimum; no timeout that short works on a network", name, time.Duration(d))
+	case time.Duration(d) > maxDuration && whyNotOff == "":
+		return fmt.Errorf("%s: %s is longer than 100 years; for no limit set -1 (Caddyfile: off)", name, time.Duration(d))
+	case time.Duration(d) > maxDuration:
+		return fmt.Errorf("%s: %s is longer than 100 years; set a shorter duration", name, time.Duration(d))
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package layer4chain
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"math/rand/v2"
 	"net/netip"
 	"strings"
@@ -30,6 +31,9 @@ type Upstream struct {
 	active atomic.Int64
 
 	health health
+
+	watchMu  sync.Mutex
+	watchers []*watcher
 }
 
 // NewUpstream returns an Upstream for addr with no active connections. The
@@ -57,20 +61,20 @@ func (u *Upstream) hostPort() string {
 	return u.Addr
 }
 
-// Active reports the connections currently established through u. It is a
+// Active reports the connections to u: being dialed or established. It is a
 // snapshot: other connections may start or end while the caller looks at it.
 func (u *Upstream) Active() int64 {
 	return u.active.Load()
 }
 
-// Acquire is called by the pipe once a connection is established through u,
-// so that least_conn and stats see it. Every Acquire must be paired with
-// exactly one Release.
+// Acquire counts a connection to u that did not come from Dial (which
+// counts its own), so that least_conn, limits and stats see it. Every
+// Acquire must be paired with exactly one Release.
 func (u *Upstream) Acquire() {
 	u.active.Add(1)
 }
 
-// Release is called by the pipe when a connection acquired through u ends.
+// Release ends a connection counted by Dial or Acquire.
 func (u *Upstream) Release() {
 	u.active.Add(-1)
 }
@@ -230,59 +234,133 @@ func (b *Balancer) Tries() int {
 // sequence cycles again. It does not allocate when dst has room, because it
 // runs once per accepted connection.
 func (b *Balancer) Order(dst []*Upstream, client netip.Addr) []*Upstream {
+	return b.OrderAvailable(dst, client, nil)
+}
+
+// OrderAvailable is Order where available says which upstreams can take a
+// connection now (nil: all): the policy picks among those, and they come
+// before the others in the order, so that a dead or full upstream neither
+// skews the policy towards its neighbour in the configured order nor costs
+// a dial.
+func (b *Balancer) OrderAvailable(dst []*Upstream, client netip.Addr, available func(*Upstream) bool) []*Upstream {
 	n := len(b.upstreams)
 	if n == 0 {
 		return dst
 	}
-	start := b.pick(client)
-	for i := 0; i < b.tries; i++ {
-		dst = append(dst, b.upstreams[(start+i)%n])
+	mask := allAvailable(n)
+	if available != nil && n <= 64 {
+		mask = 0
+		for i, u := range b.upstreams {
+			if available(u) {
+				mask |= 1 << i
+			}
+		}
+		if mask == 0 {
+			mask = allAvailable(n) // none now: let the dial report why
+		}
+	}
+	start := b.pick(client, mask)
+	end := len(dst) + b.tries
+	for len(dst) < end {
+		before := len(dst)
+		for _, want := range [2]bool{true, false} { // available ones first
+			for i := 0; i < n && len(dst) < end; i++ {
+				j := (start + i) % n
+				if (mask&(1<<j) != 0) == want {
+					dst = append(dst, b.upstreams[j])
+				}
+			}
+		}
+		if len(dst) == before {
+			break
+		}
 	}
 	return dst
 }
 
-// pick returns the index of the policy's first choice.
-func (b *Balancer) pick(client netip.Addr) int {
+// allAvailable is the mask of n upstreams (all of them when n > 64).
+func allAvailable(n int) uint64 {
+	if n >= 64 {
+		return ^uint64(0)
+	}
+	return 1<<n - 1
+}
+
+// pick returns the index of the policy's first choice among the upstreams
+// in mask.
+func (b *Balancer) pick(client netip.Addr, mask uint64) int {
 	n := len(b.upstreams)
+	in := func(i int) bool { return n > 64 || mask&(1<<i) != 0 }
+	count := n
+	if n <= 64 {
+		count = bits.OnesCount64(mask)
+	}
+	nth := func(k int) int { // the k-th upstream in mask
+		for i := 0; i < n; i++ {
+			if in(i) {
+				if k == 0 {
+					return i
+				}
+				k--
+			}
+		}
+		return 0
+	}
 	switch b.policy {
 	case policyRoundRobin:
-		return int((b.next.Add(1) - 1) % uint64(n))
+		return nth(int((b.next.Add(1) - 1) % uint64(count)))
 	case policyLeastConn:
-		best, bestActive := 0, b.upstreams[0].Active()
-		for i := 1; i < n; i++ {
-			if a := b.upstreams[i].Active(); a < bestActive {
+		best, bestActive := -1, int64(0)
+		for i := 0; i < n; i++ {
+			if a := b.upstreams[i].Active(); in(i) && (best < 0 || a < bestActive) {
 				best, bestActive = i, a
 			}
 		}
-		return best
+		return max(best, 0)
 	case policyRandom:
-		return rand.IntN(n)
+		return nth(rand.IntN(count))
 	case policyIPHash:
-		return int(hashAddr(client) % uint64(n))
+		// Hashed over every upstream, so a client keeps its upstream while
+		// another one fails; only when its own is unavailable does it move
+		// to the next available one.
+		h := int(hashAddr(client) % uint64(n))
+		for i := 0; i < n; i++ {
+			if in((h + i) % n) {
+				return (h + i) % n
+			}
+		}
+		return h
 	case policyWeightedRoundRobin:
-		return b.pickWeighted()
+		return b.pickWeighted(in)
 	default:
-		return 0
+		return nth(0)
 	}
 }
 
-// pickWeighted is nginx's smooth weighted round robin: every upstream's
-// current value grows by its weight, the largest is picked and lowered by
-// the total, so a 3:1 split picks a a b a rather than a a a b.
-func (b *Balancer) pickWeighted() int {
+// pickWeighted is nginx's smooth weighted round robin over the upstreams
+// in: every one's current value grows by its weight, the largest is picked
+// and lowered by the total, so a 3:1 split picks a a b a rather than a a a
+// b.
+func (b *Balancer) pickWeighted(in func(int) bool) int {
 	b.wrrMu.Lock()
 	defer b.wrrMu.Unlock()
 	if b.wrrCurrent == nil {
 		b.wrrCurrent = make([]int, len(b.upstreams))
 	}
-	best, total := 0, 0
+	best, total := -1, 0
 	for i := range b.upstreams {
+		if !in(i) {
+			continue
+		}
 		w := b.weight(i)
 		total += w
 		b.wrrCurrent[i] += w
-		if b.wrrCurrent[i] > b.wrrCurrent[best] {
+		if best < 0 || b.wrrCurrent[i] > b.wrrCurrent[best] {
 			best = i
 		}
+	}
+	if best < 0 {
+		return 0
 	}
 	b.wrrCurrent[best] -= total
 	return best

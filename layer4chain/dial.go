@@ -112,9 +112,6 @@ type Dialer struct {
 	// MaxConnections, if set, returns the handler's limit on an upstream's
 	// active connections (0: none); a full upstream is skipped.
 	MaxConnections func(*Upstream) int
-	// OnOpen, if set, is called when a failure of this Dialer opened an
-	// upstream's circuit (for close_if_unhealthy).
-	OnOpen func(*Upstream)
 	// TryInterval is the pause before dialing an upstream a second time
 	// within one Dial (when the order holds it twice), so tries beyond the
 	// number of upstreams never hammer a failing one in a tight loop.
@@ -143,7 +140,8 @@ type DialAttempt struct {
 var errNoHealthyUpstream = errors.New("every upstream is unhealthy, open or full")
 
 // Dial tries each upstream in order until one connects, returning the
-// connection and the upstream used. Upstreams that are unhealthy, whose
+// connection and the upstream used, which counts the connection among its
+// active ones until the caller's Release. Upstreams that are unhealthy, whose
 // circuit is open (or half-open with its trial taken) or that are full are
 // skipped without a dial; when every one was skipped the error's Reason is
 // no_healthy_upstream. When every attempt fails it returns the last
@@ -210,9 +208,7 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (*net
 			}
 			return nil, nil, &DialError{Upstream: u.Addr, Reason: ClassifyDialError(ctxErr), Err: err}
 		}
-		if u.failed(a, d.Passive, err) && d.OnOpen != nil {
-			d.OnOpen(u)
-		}
+		u.failed(a, d.Passive, err)
 		d.report(last)
 		if rec != nil {
 			rec.addFailedDial(DialAttempt{Upstream: u.Addr, Reason: last.Reason, Error: err.Error(), Duration: took})

@@ -1,6 +1,7 @@
 package layer4chain
 
 import (
+	"slices"
 	"sync"
 	"time"
 )
@@ -96,22 +97,19 @@ type UpstreamInfo struct {
 	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
 }
 
-// Health returns the upstream's health now. An open circuit whose cool-down
-// is over shows as half_open: the next connection is its trial.
+// Health returns the upstream's health now.
 func (u *Upstream) Health() Health {
 	h := &u.health
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.stateAt(time.Now().UnixNano())
+	return h.state()
 }
 
-// stateAt is Health with h.mu held.
-func (h *health) stateAt(now int64) Health {
+// state is Health with h.mu held.
+func (h *health) state() Health {
 	switch {
 	case h.activeDown > 0:
 		return HealthUnhealthy
-	case h.circuit == HealthOpen && now >= h.openedAt+int64(h.coolDown):
-		return HealthHalfOpen
 	case h.circuit == "":
 		return HealthHealthy
 	}
@@ -124,7 +122,7 @@ func (u *Upstream) Info() UpstreamInfo {
 	h.mu.Lock()
 	info := UpstreamInfo{
 		Address:             u.Addr,
-		Health:              h.stateAt(time.Now().UnixNano()),
+		Health:              h.state(),
 		ConsecutiveFailures: h.consecutive,
 		LastError:           h.lastErr,
 	}
@@ -138,53 +136,103 @@ func (u *Upstream) Info() UpstreamInfo {
 }
 
 // attempt is the verdict of begin: whether to dial, and whether the dial is
-// the half-open trial whose outcome decides the circuit.
+// the half-open trial whose outcome decides the circuit. An attempt that is
+// ok holds a place in u's active connections, which succeeded keeps for the
+// connection and failed or abandoned give back.
 type attempt struct {
 	ok    bool
 	trial bool
 }
 
+// selectable says, without reserving anything, whether begin would let a
+// connection through to u now: selection uses it to spread connections
+// over the upstreams that can take them.
+func (u *Upstream) selectable(p *PassiveHealth, maxConns int) bool {
+	if limit := connLimit(p, maxConns); limit > 0 && u.Active() >= limit {
+		return false
+	}
+	h := &u.health
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.activeDown > 0 {
+		return false
+	}
+	if !p.on() {
+		return true // this handler has no breaker: the circuit is not its business
+	}
+	switch h.circuit {
+	case HealthOpen:
+		return time.Now().UnixNano() >= h.openedAt+int64(min(h.coolDown, p.FailDuration))
+	case HealthHalfOpen:
+		return !h.trial
+	}
+	return true
+}
+
+// connLimit is the number of active connections at which u is skipped:
+// the smaller of the handler's limit on u and unhealthy_connection_count,
+// 0 for none.
+func connLimit(p *PassiveHealth, maxConns int) int64 {
+	limit := int64(maxConns)
+	if p != nil && p.UnhealthyConnectionCount > 0 && (limit == 0 || int64(p.UnhealthyConnectionCount) < limit) {
+		limit = int64(p.UnhealthyConnectionCount)
+	}
+	return limit
+}
+
 // begin decides whether one connection may dial u now, under the
-// handler's passive settings and its limit on u's connections, and
-// reserves the half-open trial when it is due.
+// handler's passive settings and its limit on u's connections. When it may,
+// begin takes the connection's place among u's active connections (so that
+// concurrent dials cannot overrun a limit) and, when the cool-down is over,
+// the half-open trial.
 func (u *Upstream) begin(p *PassiveHealth, maxConns int) attempt {
-	active := u.Active()
-	if maxConns > 0 && active >= int64(maxConns) {
-		return attempt{}
-	}
-	if p != nil && p.UnhealthyConnectionCount > 0 && active >= int64(p.UnhealthyConnectionCount) {
-		return attempt{}
-	}
 	h := &u.health
 	h.mu.Lock()
 	if h.activeDown > 0 {
 		h.mu.Unlock()
 		return attempt{}
 	}
-	switch h.circuit {
-	case "", HealthHealthy:
-		h.mu.Unlock()
-		return attempt{ok: true}
-	case HealthOpen:
-		if time.Now().UnixNano() < h.openedAt+int64(h.coolDown) {
-			h.mu.Unlock()
-			return attempt{}
+	var a attempt
+	var from Health
+	switch {
+	case !p.on(), h.circuit == "", h.circuit == HealthHealthy:
+		a.ok = true
+	case h.circuit == HealthOpen:
+		if time.Now().UnixNano() >= h.openedAt+int64(min(h.coolDown, p.FailDuration)) {
+			h.circuit, h.trial, from = HealthHalfOpen, true, HealthOpen
+			a = attempt{ok: true, trial: true}
 		}
-		h.circuit, h.trial = HealthHalfOpen, true
-		h.mu.Unlock()
-		u.notify(HealthOpen, HealthHalfOpen, "cool-down over: one trial connection")
-		return attempt{ok: true, trial: true}
-	case HealthHalfOpen:
-		if h.trial {
-			h.mu.Unlock()
-			return attempt{}
-		}
+	case h.circuit == HealthHalfOpen && !h.trial:
 		h.trial = true
+		a = attempt{ok: true, trial: true}
+	}
+	if a.ok && !u.reserve(connLimit(p, maxConns)) {
+		h.trial = h.trial && !a.trial
+		if from == HealthOpen {
+			h.circuit = HealthOpen
+		}
 		h.mu.Unlock()
-		return attempt{ok: true, trial: true}
+		return attempt{}
 	}
 	h.mu.Unlock()
-	return attempt{}
+	if from == HealthOpen {
+		u.notify(HealthOpen, HealthHalfOpen, "cool-down over: one trial connection")
+	}
+	return a
+}
+
+// reserve counts one more active connection unless that would pass limit
+// (0: none).
+func (u *Upstream) reserve(limit int64) bool {
+	for {
+		n := u.active.Load()
+		if limit > 0 && n >= limit {
+			return false
+		}
+		if u.active.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
 }
 
 // succeeded records a connected dial: a trial closes the circuit.
@@ -204,6 +252,7 @@ func (u *Upstream) succeeded(a attempt) {
 // abandoned gives back a trial whose dial was cancelled (the client left):
 // that says nothing about the upstream, so the next connection is the trial.
 func (u *Upstream) abandoned(a attempt) {
+	u.Release()
 	if !a.trial {
 		return
 	}
@@ -216,6 +265,7 @@ func (u *Upstream) abandoned(a attempt) {
 // failed records a failed dial and opens the circuit when the handler's
 // passive settings say so. It reports whether this failure opened it.
 func (u *Upstream) failed(a attempt, p *PassiveHealth, err error) (opened bool) {
+	u.Release()
 	now := time.Now()
 	ns := now.UnixNano()
 	h := &u.health
@@ -258,7 +308,24 @@ func (u *Upstream) failed(a attempt, p *PassiveHealth, err error) (opened bool) 
 		cause = "trial connection failed: " + cause
 	}
 	u.notify(from, HealthOpen, cause)
+	// Report the end of the cool-down when it comes, not only when the
+	// next connection notices it, so the admin API, the metrics and the
+	// log agree while no traffic arrives.
+	time.AfterFunc(p.FailDuration, func() { u.coolDownOver(ns) })
 	return true
+}
+
+// coolDownOver moves a circuit still open since openedAt to half_open.
+func (u *Upstream) coolDownOver(openedAt int64) {
+	h := &u.health
+	h.mu.Lock()
+	if h.circuit != HealthOpen || h.openedAt != openedAt {
+		h.mu.Unlock()
+		return
+	}
+	h.circuit = HealthHalfOpen
+	h.mu.Unlock()
+	u.notify(HealthOpen, HealthHalfOpen, "cool-down over: the next connection is the trial")
 }
 
 // voteActive records that one handler's active checks now hold u down
@@ -269,21 +336,65 @@ func (u *Upstream) voteActive(down bool, cause string) {
 	h := &u.health
 	h.mu.Lock()
 	now := time.Now().UnixNano()
-	before := h.stateAt(now)
+	before := h.state()
 	if down {
 		h.activeDown++
 		h.lastErr, h.lastErrAt = cause, now
 	} else if h.activeDown > 0 {
 		h.activeDown--
 	}
-	after := h.stateAt(now)
+	after := h.state()
 	h.mu.Unlock()
 	u.notify(before, after, cause)
 }
 
-// notify reports a transition; it runs without the lock held.
+// heldDown reports whether active checks hold u down.
+func (u *Upstream) heldDown() bool {
+	h := &u.health
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.activeDown > 0
+}
+
+// notify reports a transition and runs the watchers of its new state; it
+// runs without the lock held.
 func (u *Upstream) notify(from, to Health, cause string) {
-	if from != to && u.OnTransition != nil {
+	if from == to {
+		return
+	}
+	if u.OnTransition != nil {
 		u.OnTransition(UpstreamTransition{Upstream: u.Addr, From: from, To: to, Cause: cause})
+	}
+	u.watchMu.Lock()
+	var run []func()
+	for _, w := range u.watchers {
+		if w.on == to {
+			run = append(run, w.f)
+		}
+	}
+	u.watchMu.Unlock()
+	for _, f := range run {
+		f()
+	}
+}
+
+// watcher is a function run when an upstream turns to a health state.
+type watcher struct {
+	on Health
+	f  func()
+}
+
+// OnHealth runs f every time u turns to the health state on (open or
+// unhealthy: a handler's close_if_unhealthy), on the goroutine that caused
+// the change. Calling the returned cancel stops it.
+func (u *Upstream) OnHealth(on Health, f func()) (cancel func()) {
+	w := &watcher{on: on, f: f}
+	u.watchMu.Lock()
+	u.watchers = append(u.watchers, w)
+	u.watchMu.Unlock()
+	return func() {
+		u.watchMu.Lock()
+		defer u.watchMu.Unlock()
+		u.watchers = slices.DeleteFunc(u.watchers, func(x *watcher) bool { return x == w })
 	}
 }

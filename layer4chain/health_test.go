@@ -205,7 +205,7 @@ func TestTryDurationWaitsForAnUpstreamToComeBack(t *testing.T) {
 		}
 	}()
 	r := &Record{}
-	c, _, err := p.dialUpstream(context.Background(), r, client1.Addr())
+	c, _, err := p.dialUpstream(context.Background(), r, nil, client1.Addr())
 	if err != nil {
 		t.Fatalf("dial within try_duration: %v", err)
 	}
@@ -216,7 +216,7 @@ func TestTryDurationWaitsForAnUpstreamToComeBack(t *testing.T) {
 
 	p.TryDuration = 0
 	start := time.Now()
-	if _, _, err := p.dialUpstream(context.Background(), &Record{}, client1.Addr()); err == nil {
+	if _, _, err := p.dialUpstream(context.Background(), &Record{}, nil, client1.Addr()); err == nil {
 		// the listener accepted only once; a refusal is expected
 		t.Log("second dial connected to a lingering backlog entry")
 	} else if time.Since(start) > time.Second {
@@ -235,7 +235,7 @@ func TestActiveChecksMarkABlackHoledUpstreamDownAndUpAgain(t *testing.T) {
 	liveEvents := watch(live)
 	cfg := ActiveHealth{Interval: 100 * time.Millisecond, Timeout: 100 * time.Millisecond, Fall: 1, Rise: 2, SendProxyHeader: true}
 	start := time.Now()
-	stop := StartHealthChecks(NewTracker(), []*Upstream{hole, live}, cfg)
+	stop := StartHealthChecks([]*Upstream{hole, live}, cfg)
 	events.next(t, HealthHealthy, HealthUnhealthy)
 	if took := time.Since(start); took > cfg.Interval+cfg.Timeout+100*time.Millisecond {
 		t.Fatalf("marked down after %v, want within interval + timeout", took)
@@ -253,4 +253,142 @@ func TestActiveChecksMarkABlackHoledUpstreamDownAndUpAgain(t *testing.T) {
 		t.Fatalf("the live upstream changed: %+v", e)
 	default:
 	}
+}
+
+func TestConcurrentDialsCannotOverrunAnUpstreamsLimit(t *testing.T) {
+	u := NewUpstream("127.0.0.1:9")
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	admitted := 0
+	for i := 0; i < 200; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if u.begin(nil, 5).ok {
+				mu.Lock()
+				admitted++
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if admitted != 5 || u.Active() != 5 {
+		t.Fatalf("%d dials admitted (active %d) with max_connections 5", admitted, u.Active())
+	}
+}
+
+func TestAHandlerWithoutABreakerIgnoresAnotherHandlersOpenCircuit(t *testing.T) {
+	u := NewUpstream("127.0.0.1:9")
+	breaker := &PassiveHealth{FailDuration: time.Hour}
+	u.failed(u.begin(breaker, 0), breaker, errors.New("refused"))
+	if u.begin(breaker, 0).ok {
+		t.Fatal("the breaker's own handler dialed an open circuit")
+	}
+	if !u.begin(nil, 0).ok {
+		t.Fatal("a handler without a breaker (after a reload that removed it) was kept off the upstream")
+	}
+	time.Sleep(5 * time.Millisecond) // the new, shorter cool-down is what is tested
+	if !u.begin(&PassiveHealth{FailDuration: time.Millisecond}, 0).ok {
+		t.Fatal("a handler with a shorter fail_duration still waits for the old cool-down")
+	}
+}
+
+func TestSelectionSpreadsOverTheAvailableUpstreamsOnly(t *testing.T) {
+	ups := testUpstreams(3)
+	for _, policy := range []string{PolicyRoundRobin, PolicyRandom, PolicyWeightedRoundRobin, PolicyLeastConn} {
+		b := mustBalancer(t, policy, ups, 0)
+		dead := func(u *Upstream) bool { return u != ups[0] }
+		counts := map[*Upstream]int{}
+		for i := 0; i < 600; i++ {
+			first := b.OrderAvailable(nil, client1.Addr(), dead)[0]
+			counts[first]++
+			if policy == PolicyLeastConn {
+				first.Acquire() // long-lived connections
+			}
+		}
+		if counts[ups[0]] != 0 || counts[ups[1]] < 240 || counts[ups[2]] < 240 {
+			t.Errorf("%s with the first upstream dead: %d/%d/%d, want the other two evenly", policy,
+				counts[ups[0]], counts[ups[1]], counts[ups[2]])
+		}
+		for _, u := range ups {
+			for u.Active() > 0 {
+				u.Release()
+			}
+		}
+	}
+}
+
+func TestActiveVerdictSurvivesAReload(t *testing.T) {
+	hole := NewUpstream(chaintest.BlackholeAddr(t))
+	events := watch(hole)
+	cfg := ActiveHealth{Interval: time.Hour, Timeout: 100 * time.Millisecond}
+	stopOld := StartHealthChecks([]*Upstream{hole}, cfg)
+	events.next(t, HealthHealthy, HealthUnhealthy)
+	stopNew := StartHealthChecks([]*Upstream{hole}, cfg) // the reload's checks
+	stopOld()
+	if h := hole.Health(); h != HealthUnhealthy {
+		t.Fatalf("after the reload the upstream is %s before any new probe", h)
+	}
+	stopNew()
+	events.next(t, HealthUnhealthy, HealthHealthy)
+	select {
+	case e := <-events.ch:
+		t.Fatalf("a reload flapped the upstream: %+v", e)
+	default:
+	}
+}
+
+func TestWatchersRunOnTheirStateOnly(t *testing.T) {
+	u := NewUpstream("127.0.0.1:9")
+	opened, unhealthy := make(chan struct{}, 4), make(chan struct{}, 4)
+	cancel := u.OnHealth(HealthOpen, func() { opened <- struct{}{} })
+	u.OnHealth(HealthUnhealthy, func() { unhealthy <- struct{}{} })
+	p := &PassiveHealth{FailDuration: time.Hour}
+	u.failed(u.begin(p, 0), p, errors.New("refused"))
+	if len(opened) != 1 || len(unhealthy) != 0 {
+		t.Fatalf("on open: %d open and %d unhealthy watchers ran", len(opened), len(unhealthy))
+	}
+	cancel()
+	u.voteActive(true, "down")
+	if len(opened) != 1 || len(unhealthy) != 1 {
+		t.Fatalf("on unhealthy, after the open watcher was cancelled: %d open and %d unhealthy runs", len(opened), len(unhealthy))
+	}
+}
+
+func TestAClientThatLeavesEndsItsTryDuration(t *testing.T) {
+	p := &Proxy{Balancer: balancerFor(t, chaintest.RefusedAddr(t)),
+		Dialer: &Dialer{TryInterval: 20 * time.Millisecond}, TryDuration: time.Minute}
+	h := startHop(t, p, nil)
+	c := chaintest.Dial(t, h.Addr)
+	start := time.Now()
+	c.Close()
+	if r := h.reason(t); r != ReasonClientClosed || time.Since(start) > time.Second {
+		t.Fatalf("a client gone during try_duration ended after %v with %s", time.Since(start), r)
+	}
+}
+
+func TestMaxLifetimeBoundsTheConnectPhase(t *testing.T) {
+	p := &Proxy{Balancer: balancerFor(t, chaintest.RefusedAddr(t)),
+		Dialer: &Dialer{TryInterval: 20 * time.Millisecond}, TryDuration: time.Minute,
+		Timeouts: Timeouts{MaxLifetime: 200 * time.Millisecond}}
+	h := startHop(t, p, nil)
+	chaintest.Dial(t, h.Addr)
+	start := time.Now()
+	if r := h.reason(t); r != ReasonMaxLifetime || time.Since(start) > time.Second {
+		t.Fatalf("a connection retrying past max_lifetime ended after %v with %s", time.Since(start), r)
+	}
+}
+
+func TestCloseUpstreamClosesOneScopesConnectionsOnly(t *testing.T) {
+	tr := NewTracker()
+	a, _ := tr.Admit("mine", Limits{}, "", client1)
+	b, _ := tr.Admit("other", Limits{}, "", client1)
+	for _, r := range []*Record{a, b} {
+		r.upstream = "127.0.0.1:9"
+	}
+	if n := tr.CloseUpstream("127.0.0.1:9", "mine", ReasonUpstreamUnhealthy); n != 1 || a.Reason() != ReasonUpstreamUnhealthy || b.Reason() != ReasonNone {
+		t.Fatalf("closed %d; reasons %q %q", n, a.Reason(), b.Reason())
+	}
+	tr.Remove(a, ReasonNone)
+	tr.Remove(b, ReasonClientClosed)
 }

@@ -32,9 +32,6 @@ type ActiveHealth struct {
 	// Rise is how many passed probes in a row mark it healthy again; 0
 	// means 1.
 	Rise int
-	// CloseIfUnhealthy closes the connections already proxied to an
-	// upstream that turns unhealthy (reason upstream_unhealthy).
-	CloseIfUnhealthy bool
 	// SendProxyHeader makes each probe send a PROXY v2 LOCAL header, for a
 	// next hop that requires a header: it accepts the probe as a check
 	// instead of rejecting it as missing.
@@ -51,14 +48,21 @@ var localHeader = func() []byte {
 }()
 
 // StartHealthChecks probes every upstream at once and then every Interval,
-// marks an upstream unhealthy after Fall failed probes in a row and healthy
-// after Rise passed ones, and, with CloseIfUnhealthy, closes the tracker's
-// connections to an upstream that turns unhealthy. Calling the returned
-// stop ends the checks and waits for probes in flight.
-func StartHealthChecks(t *Tracker, upstreams []*Upstream, cfg ActiveHealth) (stop func()) {
+// and marks an upstream unhealthy after Fall failed probes in a row and
+// healthy after Rise passed ones. An upstream that active checks already
+// hold down (those of the config a reload replaces) starts down, so a
+// reload does not send connections to it until Rise probes pass. Calling
+// the returned stop ends the checks and waits for probes in flight.
+func StartHealthChecks(upstreams []*Upstream, cfg ActiveHealth) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &checker{tracker: t, cfg: cfg, upstreams: upstreams,
+	c := &checker{cfg: cfg, upstreams: upstreams,
 		streaks: make([]int, len(upstreams)), down: make([]bool, len(upstreams))}
+	for i, u := range upstreams {
+		if u.heldDown() {
+			c.down[i] = true
+			u.voteActive(true, "held down by the active checks before a reload")
+		}
+	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -73,7 +77,6 @@ func StartHealthChecks(t *Tracker, upstreams []*Upstream, cfg ActiveHealth) (sto
 
 // checker is one handler's active health checks.
 type checker struct {
-	tracker   *Tracker
 	cfg       ActiveHealth
 	upstreams []*Upstream
 	// streaks[i] counts upstream i's probes in a row with one outcome:
@@ -174,9 +177,6 @@ func (c *checker) record(i int, u *Upstream, err error) {
 		if -c.streaks[i] >= fall && !c.down[i] {
 			c.down[i] = true
 			u.voteActive(true, "active health check failed: "+err.Error())
-			if c.cfg.CloseIfUnhealthy {
-				c.tracker.CloseUpstream(u.Addr, ReasonUpstreamUnhealthy)
-			}
 		}
 		return
 	}

@@ -75,7 +75,12 @@ func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason 
 }
 
 func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMeta) CloseReason {
+	// max_lifetime counts from admission: it bounds the connect phase too.
 	ctx, cancel := context.WithCancel(context.Background())
+	if lim := p.Timeouts.MaxLifetime; lim > 0 {
+		ctx, cancel = context.WithDeadline(context.Background(), r.Started.Add(lim))
+		r.lifetimeEnd.Store(r.Started.Add(lim).UnixNano())
+	}
 	defer cancel()
 	r.connectBy.Store(r.Started.Add(p.connectPhase()).UnixNano())
 	r.setInterrupt(func() {
@@ -111,8 +116,14 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return ReasonLimitExceeded
 	}
 
-	upConn, up, err := p.dialUpstream(ctx, r, o.client.Addr())
+	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr())
 	if err != nil {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return ReasonMaxLifetime
+		}
+		if errors.Is(err, errClientGone) {
+			return ReasonClientClosed
+		}
 		r.setDetail(err)
 		var de *DialError
 		if errors.As(err, &de) {
@@ -127,8 +138,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		r.markShut(shutUpstream)
 		_ = upConn.Close()
 	}()
-	up.Acquire()
-	defer up.Release()
+	defer up.Release() // the dial counted the connection as up's
 	r.mu.Lock()
 	r.upstream = up.Addr
 	r.mu.Unlock()
@@ -156,11 +166,11 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 // a TryDuration it starts over, after TryInterval, until an upstream
 // connects or TryDuration has passed since the first attempt; without one,
 // a single pass decides.
-func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client netip.Addr) (*net.TCPConn, *Upstream, error) {
+func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, clientIP netip.Addr) (*net.TCPConn, *Upstream, error) {
 	var orderBuf [8]*Upstream
 	deadline := time.Now().Add(p.TryDuration)
 	for {
-		c, up, err := p.Dialer.dial(ctx, p.Balancer.Order(orderBuf[:0], client), r)
+		c, up, err := p.Dialer.dial(ctx, p.Balancer.OrderAvailable(orderBuf[:0], clientIP, p.available), r)
 		if err == nil || p.TryDuration <= 0 || ctx.Err() != nil {
 			return c, up, err
 		}
@@ -171,7 +181,21 @@ func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client netip.Addr) 
 		if serr := sleepCtx(ctx, wait); serr != nil {
 			return nil, nil, err
 		}
+		// Between rounds, a client that left ends its wait: nothing would
+		// be there to receive the upstream's bytes.
+		if peerClosed(client) {
+			return nil, nil, errClientGone
+		}
 	}
+}
+
+// errClientGone ends the retries of a client that closed its connection.
+var errClientGone = errors.New("the client closed its connection while waiting for an upstream")
+
+// available says whether the dialer would let a connection through to u
+// now, for the balancer to pick among those that can take one.
+func (p *Proxy) available(u *Upstream) bool {
+	return u.selectable(p.Dialer.Passive, p.Dialer.maxConns(u))
 }
 
 // origin is what this hop knows about where a connection comes from.

@@ -286,13 +286,14 @@ func (t *Tracker) DialFailuresByUpstream() map[DialFailureKey]int64 {
 	return out
 }
 
-// CloseUpstream closes every live connection proxied to the upstream addr
-// with the given reason, and returns how many it asked to close.
-func (t *Tracker) CloseUpstream(addr string, reason CloseReason) int {
+// CloseUpstream closes the live connections of the scope (one handler's
+// configuration) proxied to the upstream addr with the given reason, and
+// returns how many it asked to close.
+func (t *Tracker) CloseUpstream(addr, scope string, reason CloseReason) int {
 	n := 0
 	for _, r := range t.Records() {
 		r.mu.Lock()
-		match := r.upstream == addr
+		match := r.upstream == addr && r.scope.key == scope
 		r.mu.Unlock()
 		if match {
 			r.Close(reason)
@@ -394,6 +395,9 @@ func (r *Record) overdue(now int64) (CloseReason, bool) {
 	const slack = int64(time.Second)
 	switch s := State(r.state.Load()); s {
 	case StateConnecting:
+		if end := r.lifetimeEnd.Load(); end != 0 && now > end+slack {
+			return ReasonMaxLifetime, true
+		}
 		if by := r.connectBy.Load(); by != 0 && now > by+slack {
 			return ReasonConnectTimeout, true
 		}

@@ -60,12 +60,22 @@ type App struct {
 	// limit off.
 	MaxConnections int `json:"max_connections,omitempty"`
 
-	tracker *layer4chain.Tracker
-	ctx     caddy.Context
-	logger  *zap.Logger
-	limit   connectionLimit
-	stop    chan struct{}
-	stopped chan struct{}
+	tracker  *layer4chain.Tracker
+	ctx      caddy.Context
+	starters []func() (stop func()) // the handlers' health checks
+	stops    []func()
+	logger   *zap.Logger
+	limit    connectionLimit
+	stop     chan struct{}
+	stopped  chan struct{}
+}
+
+// onStart registers what a handler of this config starts with the config
+// (its health checks) and stops with it. nil is ignored.
+func (a *App) onStart(start func() (stop func())) {
+	if start != nil {
+		a.starters = append(a.starters, start)
+	}
 }
 
 // connectionLimit is the process-wide connection limit a config asks for,
@@ -149,6 +159,9 @@ func (a *App) Start() error {
 			append(fields, zap.Int("safe_max_connections", derived))...)
 	}
 
+	for _, start := range a.starters {
+		a.stops = append(a.stops, start())
+	}
 	a.stop, a.stopped = make(chan struct{}), make(chan struct{})
 	go a.sweep(time.Duration(a.SweepInterval))
 	return nil
@@ -216,6 +229,10 @@ func (a *App) sweep(interval time.Duration) {
 // connections to end, then closes the rest. On a reload it returns at once,
 // leaving connections to the handlers that accepted them.
 func (a *App) Stop() error {
+	for _, stop := range a.stops {
+		stop()
+	}
+	a.stops = nil
 	if a.stop != nil {
 		close(a.stop)
 		<-a.stopped

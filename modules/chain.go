@@ -127,8 +127,6 @@ type Handler struct {
 	dials []string
 	// acquired are the addresses whose pool references Cleanup gives back.
 	acquired []string
-	// stopChecks ends the active health checks; nil when there are none.
-	stopChecks func()
 }
 
 // Upstream is one address to proxy to.
@@ -269,9 +267,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.check(); err != nil {
 		return err
 	}
-	// The app runs the sweeps, the metrics and the shutdown drain; load it
-	// (with defaults when the config has none) so they exist.
-	if _, err := ctx.App("layer4chain"); err != nil {
+	// The app runs the sweeps, the metrics, the shutdown drain and this
+	// handler's health checks; load it (with defaults when the config has
+	// none) so they exist.
+	appModule, err := ctx.App("layer4chain")
+	if err != nil {
 		return fmt.Errorf("loading the layer4chain app: %w", err)
 	}
 
@@ -355,37 +355,61 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			MaxFails:                 resolveLimit(ps.MaxFails, defaultMaxFails),
 			UnhealthyConnectionCount: resolveLimit(ps.UnhealthyConnectionCount, 0),
 		}
-		if ps.CloseIfUnhealthy {
-			p.Dialer.OnOpen = func(u *layer4chain.Upstream) {
-				tracker.CloseUpstream(u.Addr, layer4chain.ReasonUpstreamUnhealthy)
-			}
-		}
 	}
 	h.proxy = p
-	if hc := h.HealthChecks; hc != nil && hc.Active != nil {
-		a := hc.Active
-		h.stopChecks = layer4chain.StartHealthChecks(tracker, uniqueUpstreams(upstreams), layer4chain.ActiveHealth{
-			Port:             a.Port,
-			Interval:         resolveDuration(a.Interval, defaultHealthInterval),
-			Timeout:          resolveDuration(a.Timeout, defaultHealthTimeout),
-			Fall:             resolveLimit(a.Fall, defaultHealthFall),
-			Rise:             resolveLimit(a.Rise, defaultHealthRise),
-			CloseIfUnhealthy: a.CloseIfUnhealthy,
-			SendProxyHeader:  p.EmitVersion != 0,
-		})
-	}
+	// Checks and close_if_unhealthy act on the running config only: the
+	// app starts them when this config starts, so a config that fails to
+	// load never probes or closes anything.
+	appModule.(*App).onStart(h.healthRuntime(tracker, uniqueUpstreams(upstreams), p.EmitVersion != 0))
 	return nil
 }
 
-// Cleanup stops the handler's active health checks and gives back its
-// references to the pool's upstreams, so an upstream no loaded config
-// lists leaves nothing behind. Caddy calls it when the handler's config is
-// unloaded, and when Provision failed.
-func (h *Handler) Cleanup() error {
-	if h.stopChecks != nil {
-		h.stopChecks()
-		h.stopChecks = nil
+// healthRuntime returns what starts this handler's active checks and its
+// close_if_unhealthy watchers, and what stops them.
+func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer4chain.Upstream, sendsProxy bool) func() (stop func()) {
+	hc := h.HealthChecks
+	if hc == nil {
+		return nil
 	}
+	scope := h.proxy.Scope
+	return func() (stop func()) {
+		var stops []func()
+		watch := func(on layer4chain.Health) {
+			for _, u := range upstreams {
+				stops = append(stops, u.OnHealth(on, func() {
+					tracker.CloseUpstream(u.Addr, scope, layer4chain.ReasonUpstreamUnhealthy)
+				}))
+			}
+		}
+		if hc.Passive != nil && hc.Passive.CloseIfUnhealthy {
+			watch(layer4chain.HealthOpen)
+		}
+		if a := hc.Active; a != nil {
+			if a.CloseIfUnhealthy {
+				watch(layer4chain.HealthUnhealthy)
+			}
+			stops = append(stops, layer4chain.StartHealthChecks(upstreams, layer4chain.ActiveHealth{
+				Port:            a.Port,
+				Interval:        resolveDuration(a.Interval, defaultHealthInterval),
+				Timeout:         resolveDuration(a.Timeout, defaultHealthTimeout),
+				Fall:            resolveLimit(a.Fall, defaultHealthFall),
+				Rise:            resolveLimit(a.Rise, defaultHealthRise),
+				SendProxyHeader: sendsProxy,
+			}))
+		}
+		return func() {
+			for _, s := range stops {
+				s()
+			}
+		}
+	}
+}
+
+// Cleanup gives back the handler's references to the pool's upstreams, so
+// an upstream no loaded config lists leaves nothing behind. Caddy calls it
+// when the handler's config is unloaded, and when Provision failed. (Its
+// health checks ended with its config's app.)
+func (h *Handler) Cleanup() error {
 	for _, addr := range h.acquired {
 		releaseUpstream(addr)
 	}

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -386,5 +387,95 @@ func TestActiveChecksMarkAnUpstreamDownAndEndWithTheirConfig(t *testing.T) {
 	admin.load(caddyConfigWith(servers(nil), strings.TrimPrefix(admin.base, "http://"), nil))
 	if h := upstreamInfo(t, admin.upstreams(), dead).Health; h != layer4chain.HealthHealthy {
 		t.Fatalf("after a reload without active checks the upstream is %s; their verdict should end with them", h)
+	}
+}
+
+// TestARejectedConfigNeitherProbesNorClosesTheRunningConnections loads, over
+// a running config, one whose active checks would mark the running
+// upstream down at once (their probe port is closed) with
+// close_if_unhealthy, and whose start fails (a port is taken). Caddy
+// starts apps in map order, so in about half the attempts the layer4chain
+// app starts before the failure; the running connection must never be
+// closed, and the upstream must stay healthy.
+func TestARejectedConfigNeitherProbesNorClosesTheRunningConnections(t *testing.T) {
+	backend := chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	taken, err := net.Listen("tcp", "127.0.0.1:0") // no SO_REUSEPORT: Caddy cannot share it
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	_, closedPort, _ := net.SplitHostPort(chaintest.RefusedAddr(t))
+	port, _ := strconv.Atoi(closedPort)
+	startCaddy(t, map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr)})})
+	held := chaintest.Dial(t, addr)
+	roundTrip(t, held, "before")
+
+	checked := map[string]any{"upstreams": upstreams(backend.Addr), "health_checks": map[string]any{
+		"active": map[string]any{"port": port, "interval": "1h", "close_if_unhealthy": true}}}
+	bad := caddyConfig(map[string]any{
+		"hop":   server(addr, checked),
+		"taken": server(taken.Addr().String(), map[string]any{"upstreams": upstreams(backend.Addr)}),
+	})
+	for i := 0; i < 12; i++ {
+		if err := caddy.Load(bad, true); err == nil {
+			t.Fatal("a config with a taken port loaded")
+		}
+	}
+	roundTrip(t, held, "after twelve rejected configs")
+	for _, u := range pooledUpstreams() {
+		if u.Addr == backend.Addr && u.Health() != layer4chain.HealthHealthy {
+			t.Fatalf("the running upstream is %s after rejected configs", u.Health())
+		}
+	}
+}
+
+// TestCloseIfUnhealthyClosesItsOwnHandlersConnectionsOnly: two handlers
+// dial one upstream; only the one with close_if_unhealthy loses its
+// connection when the upstream turns unhealthy.
+func TestCloseIfUnhealthyClosesItsOwnHandlersConnectionsOnly(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	_, closedPort, _ := net.SplitHostPort(chaintest.RefusedAddr(t))
+	port, _ := strconv.Atoi(closedPort)
+	watched, plain := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
+	// The checks start with the config; the first probe (on a closed port)
+	// marks the upstream down, so connections are made before the load.
+	startCaddy(t, map[string]any{
+		"plain": server(plain, map[string]any{"upstreams": upstreams(backend.Addr)}),
+	})
+	keep := chaintest.Dial(t, plain)
+	roundTrip(t, keep, "plain")
+	before := closedCount(layer4chain.ReasonUpstreamUnhealthy)
+	if err := caddy.Load(caddyConfig(map[string]any{
+		"plain": server(plain, map[string]any{"upstreams": upstreams(backend.Addr)}),
+		"watched": server(watched, map[string]any{"upstreams": upstreams(backend.Addr), "health_checks": map[string]any{
+			"active": map[string]any{"port": port, "interval": "1h", "close_if_unhealthy": true}}}),
+	}), true); err != nil {
+		t.Fatal(err)
+	}
+	waitUpstreamHealth(t, backend.Addr, layer4chain.HealthUnhealthy)
+	roundTrip(t, keep, "another handler's connection stays")
+	if n := closedCount(layer4chain.ReasonUpstreamUnhealthy); n != before {
+		t.Fatalf("%d connections of a handler without close_if_unhealthy were closed", n-before)
+	}
+	keep.Close()
+}
+
+// waitUpstreamHealth polls the pool until addr has health h: a probe's end
+// raises no event.
+func waitUpstreamHealth(t *testing.T, addr string, h layer4chain.Health) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		for _, u := range pooledUpstreams() {
+			if u.Addr == addr && u.Health() == h {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("upstream %s never became %s", addr, h)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -3,6 +3,7 @@ package modules
 import (
 	"cmp"
 	"slices"
+	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,17 +22,32 @@ import (
 // listed leaves the pool with it.
 var upstreamPool = caddy.NewUsagePool()
 
-// pooledUpstream is the pool's value. Nothing needs closing when the last
-// reference goes: the upstream's connections have their own records.
+// pooledUpstream is the pool's value.
 type pooledUpstream struct{ *layer4chain.Upstream }
 
-// Destruct implements caddy.Destructor.
-func (pooledUpstream) Destruct() error { return nil }
+// lingering holds upstreams that left every config while connections to
+// them were still open (address → *layer4chain.Upstream): those still count
+// against the upstream's limits, so a config that lists it again takes it
+// back with its count instead of starting from zero.
+var lingering sync.Map
+
+// Destruct implements caddy.Destructor: an upstream whose connections are
+// all gone is forgotten; one with connections left lingers.
+func (p pooledUpstream) Destruct() error {
+	if p.Active() > 0 {
+		lingering.Store(p.Addr, p.Upstream)
+	}
+	return nil
+}
 
 // acquireUpstream returns the pool's upstream for addr, creating it on the
-// first reference, and counts a reference that releaseUpstream gives back.
+// first reference (or taking back a lingering one that still has
+// connections), and counts a reference that releaseUpstream gives back.
 func acquireUpstream(addr string) *layer4chain.Upstream {
 	v, _, _ := upstreamPool.LoadOrNew(addr, func() (caddy.Destructor, error) {
+		if v, ok := lingering.LoadAndDelete(addr); ok && v.(*layer4chain.Upstream).Active() > 0 {
+			return pooledUpstream{v.(*layer4chain.Upstream)}, nil
+		}
 		u := layer4chain.NewUpstream(addr)
 		u.OnTransition = reportTransition
 		return pooledUpstream{u}, nil
@@ -44,11 +60,20 @@ func releaseUpstream(addr string) {
 	_, _ = upstreamPool.Delete(addr)
 }
 
-// pooledUpstreams returns every upstream in the pool, sorted by address.
+// pooledUpstreams returns every upstream in the pool, and those that left
+// it with connections still open, sorted by address.
 func pooledUpstreams() []*layer4chain.Upstream {
 	var list []*layer4chain.Upstream
 	upstreamPool.Range(func(_, v any) bool {
 		list = append(list, v.(pooledUpstream).Upstream)
+		return true
+	})
+	lingering.Range(func(addr, v any) bool {
+		if u := v.(*layer4chain.Upstream); u.Active() > 0 {
+			list = append(list, u)
+		} else {
+			lingering.CompareAndDelete(addr, v)
+		}
 		return true
 	})
 	slices.SortFunc(list, func(a, b *layer4chain.Upstream) int { return cmp.Compare(a.Addr, b.Addr) })

@@ -41,9 +41,13 @@ type DialError struct {
 // reason word in the middle so it can be grepped without parsing.
 func (e *DialError) Error() string {
 	var b strings.Builder
-	b.WriteString("dialing upstream ")
-	b.WriteString(e.Upstream)
-	b.WriteString(": ")
+	if e.Upstream == "" {
+		b.WriteString("dialing: ") // nothing was dialed
+	} else {
+		b.WriteString("dialing upstream ")
+		b.WriteString(e.Upstream)
+		b.WriteString(": ")
+	}
 	b.WriteString(string(e.Reason))
 	if e.Err != nil {
 		b.WriteString(": ")

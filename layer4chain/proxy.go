@@ -174,11 +174,13 @@ func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, cl
 		if err == nil || p.TryDuration <= 0 || ctx.Err() != nil {
 			return c, up, err
 		}
-		wait := p.Dialer.tryInterval()
-		if time.Now().Add(wait).After(deadline) {
+		// The last round starts at the deadline, as Caddy's reverse proxy
+		// makes its last try at lb_try_duration.
+		remaining := time.Until(deadline)
+		if remaining <= 0 {
 			return nil, nil, err
 		}
-		if serr := sleepCtx(ctx, wait); serr != nil {
+		if serr := sleepCtx(ctx, min(p.Dialer.tryInterval(), remaining)); serr != nil {
 			return nil, nil, err
 		}
 		// Between rounds, a client that left ends its wait: nothing would

@@ -57,6 +57,16 @@ func interopBinary(t *testing.T, name string) string {
 	return ""
 }
 
+// needInterop skips (or fails) the test before it starts anything when a
+// program it runs is missing: "haproxy", or "nginx" with its stream module.
+func needInterop(t *testing.T, program string) {
+	t.Helper()
+	bin := interopBinary(t, program)
+	if program == "nginx" {
+		nginxStreamModule(t, bin)
+	}
+}
+
 // dialFromClient connects to addr from interopClient.
 func dialFromClient(t *testing.T, addr string) net.Conn {
 	t.Helper()
@@ -232,6 +242,7 @@ stream {
 // client HAProxy accepted as the original client and HAProxy's unique ID
 // as the chain ID, so one ID follows the connection across both products.
 func TestInteropHAProxySendsProxyV2ToTheInnerHop(t *testing.T) {
+	needInterop(t, "haproxy")
 	backend := startNamedBackend(t, "backend", "")
 	inner := startHealthHop(t, "", fmt.Sprintf(`{"handler": "chain", "upstreams": [{"dial": [%q]}],
 		"accept_proxy_protocol": {"allow": ["127.0.0.1/32"]}}`, backend.addr))
@@ -298,6 +309,7 @@ func tlsGreeter(t *testing.T, name string) string {
 // asked for (PP2_TYPE_AUTHORITY, which the hop knows from caddy-l4's tls
 // matcher; the TLS session itself passes through to the backend).
 func TestInteropOuterHopSendsProxyV2ToHAProxy(t *testing.T) {
+	needInterop(t, "haproxy")
 	const serverName = "interop.example"
 	backend := tlsGreeter(t, serverName)
 	haproxyAddr := freeAddr(t)
@@ -337,6 +349,7 @@ backend tls_backend
 // front of an inner hop. nginx sends v1 only (proxy_protocol on): the
 // hop's record shows the client nginx accepted as the original client.
 func TestInteropNginxSendsProxyV1ToTheInnerHop(t *testing.T) {
+	needInterop(t, "nginx")
 	backend := startNamedBackend(t, "backend", "")
 	inner := startHealthHop(t, "", fmt.Sprintf(`{"handler": "chain", "upstreams": [{"dial": [%q]}],
 		"accept_proxy_protocol": {"allow": ["127.0.0.1/32"]}}`, backend.addr))
@@ -368,6 +381,7 @@ func TestInteropNginxSendsProxyV1ToTheInnerHop(t *testing.T) {
 // proxy_protocol, set_real_ip_from the hop) and answers with what it
 // learned, which is the client's own address.
 func TestInteropOuterHopSendsProxyV2ToNginx(t *testing.T) {
+	needInterop(t, "nginx")
 	nginxAddr := freeAddr(t)
 	startNginx(t, fmt.Sprintf(`
 	server {

@@ -2,9 +2,79 @@ package layer4chain
 
 import (
 	"slices"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
+
+// Upstream is one backend address the hop can dial, with its health: shared
+// by every connection of every handler that dials the address, so its
+// connection count and its circuit are one for all of them.
+type Upstream struct {
+	// Addr is the "host:port" dialed over TCP, or "tcp4/host:port" or
+	// "tcp6/host:port" to dial over that IP family only (a host name then
+	// resolves to addresses of that family alone). It is also the
+	// upstream's name in logs, stats and metrics.
+	Addr string
+
+	// OnTransition, if set, is told every change of the upstream's health
+	// (for logs and metrics). Set it before the upstream is used; it is
+	// called without locks held, on the goroutine that caused the change.
+	OnTransition func(UpstreamTransition)
+
+	// active counts connections to this upstream, being dialed or
+	// established; limits and least_conn read it, stats report it.
+	active atomic.Int64
+
+	health health
+
+	watchMu  sync.Mutex
+	watchers []*watcher
+}
+
+// NewUpstream returns an Upstream for addr with no active connections. The
+// address ("host:port", "tcp4/host:port" or "tcp6/host:port") is not checked
+// here; configuration validates it with ValidateUpstreamAddr so that errors
+// surface at provisioning, not per dial.
+func NewUpstream(addr string) *Upstream {
+	return &Upstream{Addr: addr}
+}
+
+// network is the network Addr is dialed on: its "tcp4/" or "tcp6/" prefix,
+// else "tcp".
+func (u *Upstream) network() string {
+	if n, _, ok := strings.Cut(u.Addr, "/"); ok {
+		return n
+	}
+	return "tcp"
+}
+
+// hostPort is the "host:port" part of Addr.
+func (u *Upstream) hostPort() string {
+	if _, hp, ok := strings.Cut(u.Addr, "/"); ok {
+		return hp
+	}
+	return u.Addr
+}
+
+// Active reports the connections to u: being dialed or established. It is a
+// snapshot: other connections may start or end while the caller looks at it.
+func (u *Upstream) Active() int64 {
+	return u.active.Load()
+}
+
+// Acquire counts a connection to u that did not come from Dial (which
+// counts its own), so that least_conn, limits and stats see it. Every
+// Acquire must be paired with exactly one Release.
+func (u *Upstream) Acquire() {
+	u.active.Add(1)
+}
+
+// Release ends a connection counted by Dial or Acquire.
+func (u *Upstream) Release() {
+	u.active.Add(-1)
+}
 
 // Health is an upstream's state as selection sees it. The values are
 // stable: they appear in the admin API, logs and metric labels.

@@ -3,13 +3,18 @@ package layer4chain
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"sync/atomic"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 )
 
 // DefaultMaxHops is the hop count at which a connection is taken for a loop.
@@ -30,6 +35,15 @@ type Proxy struct {
 	Accept *ProxyAcceptor
 	// EmitVersion is the PROXY protocol version sent upstream: 0 (none), 1 or 2.
 	EmitVersion int
+	// ForwardTLVs lists the TLV types of a trusted previous hop's v2 header
+	// that are copied into the v2 header sent upstream, after the chain's
+	// own. Types the header generates itself (IsGeneratedTLV) are never
+	// copied. A forwarded ALPN or SSL TLV replaces the one describing a TLS
+	// session this hop terminated: like the client address, it describes
+	// the original client's connection.
+	ForwardTLVs []byte
+	// EmitCRC32C adds PP2_TYPE_CRC32C to the v2 header sent upstream.
+	EmitCRC32C bool
 	// MaxHops closes a connection whose incoming hop count reaches it.
 	MaxHops int
 	// Balancer orders the upstreams for each connection.
@@ -50,6 +64,9 @@ type ClientMeta struct {
 	Server string
 	// SNI is the TLS server name a matcher found, if any.
 	SNI string
+	// TLS is the TLS session a handler before this one terminated, nil if
+	// none. A v2 header sent upstream describes it (TLSSessionTLVs).
+	TLS *tls.ConnectionState
 }
 
 // Serve proxies one client connection until it ends and returns why it
@@ -89,7 +106,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		_ = client.Close()
 	})
 
-	o, pending, sc, reason := p.readOrigin(r, client, pending)
+	o, pending, sc, reason := p.readOrigin(r, client, pending, meta.TLS)
 	if reason != ReasonNone {
 		return reason
 	}
@@ -202,11 +219,13 @@ func (p *Proxy) available(u *Upstream) bool {
 
 // origin is what this hop knows about where a connection comes from.
 type origin struct {
-	client    netip.AddrPort // the original client
-	dest      netip.AddrPort // the address the original client connected to
-	chainID   string         // "" until one is made at the first hop
-	hops      int            // hops before this one
-	authority string         // the TLS server name, if known
+	client    netip.AddrPort       // the original client
+	dest      netip.AddrPort       // the address the original client connected to
+	chainID   string               // "" until one is made at the first hop
+	hops      int                  // hops before this one
+	authority string               // the TLS server name, if known
+	tlvs      []proxyproto.TLV     // received TLVs listed in ForwardTLVs
+	session   *tls.ConnectionState // terminated before this hop's handler
 }
 
 // readOrigin reads the PROXY header, if this hop accepts them, and returns
@@ -218,8 +237,12 @@ type origin struct {
 // are screened instead, while the connection flows: sc, when not nil, holds
 // the pending bytes that may yet become a signature (none are forwarded
 // first then), and the pipe goes on screening what the client sends.
-func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (o origin, first []byte, sc *screen, reason CloseReason) {
-	o = origin{client: r.Client, dest: addrPortOf(client.LocalAddr())}
+//
+// A trusted peer is read from under the acceptor's policy: with Optional,
+// bytes that cannot start a header, a half-close before any, or silence
+// for the whole timeout make it a direct client.
+func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *tls.ConnectionState) (o origin, first []byte, sc *screen, reason CloseReason) {
+	o = origin{client: r.Client, dest: addrPortOf(client.LocalAddr()), session: session}
 	if p.Accept == nil {
 		return o, pending, nil, ReasonNone
 	}
@@ -236,6 +259,11 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (o origin
 	}
 	pr := &prefixedConn{Conn: client, pending: pending}
 	info, rest, err := p.Accept.Accept(pr, r.Client.Addr())
+	if err != nil && p.Accept.Optional && errors.Is(err, io.EOF) {
+		// A direct client that half-closed before a header could start:
+		// its bytes go on, and the pipe reads the EOF again.
+		err = nil
+	}
 	if err != nil {
 		var rej *ProxyRejectError
 		if !errors.As(err, &rej) {
@@ -255,6 +283,11 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte) (o origin
 		o.client, o.dest = info.Source, info.Destination
 	}
 	o.chainID, o.hops, o.authority = info.ChainID, info.Hops, info.Authority
+	for _, t := range info.TLVs {
+		if slices.Contains(p.ForwardTLVs, byte(t.Type)) {
+			o.tlvs = append(o.tlvs, t)
+		}
+	}
 	if o.hops == 0 {
 		// A v1 header (or a v2 one from another proxy) carries no hop
 		// count, but there was at least the hop that sent it.
@@ -269,7 +302,10 @@ func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte)
 	first := pending
 	if p.EmitVersion != 0 {
 		hdr := ProxyHeader{Version: p.EmitVersion, Source: o.client, Destination: o.dest,
-			ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority}
+			ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority, CRC32C: p.EmitCRC32C}
+		if p.EmitVersion == 2 {
+			hdr.TLVs = headerTLVs(o)
+		}
 		b, err := hdr.AppendTo(make([]byte, 0, 256+len(pending)))
 		if err != nil {
 			r.setDetail(fmt.Errorf("encoding the PROXY header: %w", err))
@@ -287,6 +323,19 @@ func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte)
 	_ = upConn.SetWriteDeadline(time.Time{})
 	r.bytesUp.Add(int64(len(pending)))
 	return ReasonNone
+}
+
+// headerTLVs returns the TLVs a v2 header carries besides the chain's own:
+// those describing the TLS session this hop terminated, then the forwarded
+// ones, which replace a session TLV of the same type.
+func headerTLVs(o origin) []proxyproto.TLV {
+	var out []proxyproto.TLV
+	for _, t := range TLSSessionTLVs(o.session) {
+		if !slices.ContainsFunc(o.tlvs, func(f proxyproto.TLV) bool { return f.Type == t.Type }) {
+			out = append(out, t)
+		}
+	}
+	return append(out, o.tlvs...)
 }
 
 // connectPhase bounds how long a connection may stay connecting: the PROXY

@@ -261,12 +261,13 @@ func TestAcceptForeignHeaders(t *testing.T) {
 		{"v2 unix stream", libHeader(t, 2, &net.UnixAddr{Net: "unix", Name: "/a"}, &net.UnixAddr{Net: "unix", Name: "/b"}), &ProxyInfo{Local: true}},
 		{"v2 LOCAL with addresses", v2Raw(0x20, 0x11, []byte{1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 0, 2}), &ProxyInfo{Local: true}},
 		{"v2 LOCAL odd length", v2Raw(0x20, 0x11, []byte{1, 2, 3}), &ProxyInfo{Local: true}},
-		{"v2 unknown TLVs ignored", libHeader(t, 2, tcp4Src, tcp4Dst,
+		{"v2 other TLVs kept in order", libHeader(t, 2, tcp4Src, tcp4Dst,
 			proxyproto.TLV{Type: proxyproto.PP2_TYPE_ALPN, Value: []byte("h2")},
 			proxyproto.TLV{Type: proxyproto.PP2_TYPE_NOOP, Value: []byte{0, 0}},
 			proxyproto.TLV{Type: TLVHops + 1, Value: []byte{1, 2, 3}},
 			proxyproto.TLV{Type: TLVHops, Value: []byte{7}}),
-			&ProxyInfo{Source: netip.MustParseAddrPort("198.51.100.7:40000"), Destination: netip.MustParseAddrPort("203.0.113.9:443"), Hops: 7}},
+			&ProxyInfo{Source: netip.MustParseAddrPort("198.51.100.7:40000"), Destination: netip.MustParseAddrPort("203.0.113.9:443"), Hops: 7,
+				TLVs: []proxyproto.TLV{{Type: proxyproto.PP2_TYPE_ALPN, Value: []byte("h2")}, {Type: TLVHops + 1, Value: []byte{1, 2, 3}}}}},
 		{"v1 UNKNOWN with addresses", []byte("PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n"), &ProxyInfo{Local: true}},
 		// PROXY over UNSPEC is v2's "PROXY UNKNOWN": the sender does not
 		// know the client, and the spec lets the receiver use the socket's
@@ -519,7 +520,7 @@ func TestRoundTripTCP(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if *info != tc.want {
+			if !reflect.DeepEqual(*info, tc.want) {
 				t.Fatalf("info = %+v, want %+v", *info, tc.want)
 			}
 			if string(rest) != "hello" {
@@ -779,7 +780,7 @@ func FuzzProxyAcceptor(f *testing.F) {
 		if err != nil || rest2 != nil {
 			t.Fatalf("re-decoding %+v: rest %q err %v", info, rest2, err)
 		}
-		if *info2 != *info {
+		if !reflect.DeepEqual(*info2, *info) {
 			t.Fatalf("round trip: %+v became %+v", info, info2)
 		}
 		// The library's own reader must agree with our framing.

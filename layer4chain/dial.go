@@ -2,6 +2,7 @@ package layer4chain
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -121,6 +122,12 @@ type Dialer struct {
 	// number of upstreams never hammer a failing one in a tight loop.
 	// Zero or negative means 250ms.
 	TryInterval time.Duration
+	// TLS, if set, returns the client config for dialing an upstream over
+	// TLS, or nil to dial it as plain TCP. The handshake is part of the
+	// attempt: ConnectTimeout bounds connect and handshake together, and a
+	// failed handshake fails over like a failed connect (connect_failed;
+	// connect_timeout when the time ran out).
+	TLS func(*Upstream) *tls.Config
 }
 
 // DefaultTryInterval is the pause between two attempts on one upstream, and
@@ -143,8 +150,9 @@ type DialAttempt struct {
 // errNoHealthyUpstream is the cause of a no_healthy_upstream DialError.
 var errNoHealthyUpstream = errors.New("every upstream is unhealthy, open or full")
 
-// Dial tries each upstream in order until one connects, returning the
-// connection and the upstream used, which counts the connection among its
+// Dial tries each upstream in order until one connects (and, when TLS says
+// so, completes a TLS handshake), returning the connection (a
+// *net.TCPConn, or a *tls.Conn over one) and the upstream used, which counts the connection among its
 // active ones until the caller's Release. Upstreams that are unhealthy, whose
 // circuit is open (or half-open with its trial taken) or that are full are
 // skipped without a dial; when every one was skipped the error's Reason is
@@ -155,12 +163,12 @@ var errNoHealthyUpstream = errors.New("every upstream is unhealthy, open or full
 // context's own deadline passed); such an attempt is not held against the
 // upstream. An empty order is a connect_failed DialError. Dial never
 // panics.
-func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (*net.TCPConn, *Upstream, error) {
+func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (net.Conn, *Upstream, error) {
 	return d.dial(ctx, order, nil)
 }
 
 // dial is Dial, recording failed attempts in rec when it is not nil.
-func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (*net.TCPConn, *Upstream, error) {
+func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (net.Conn, *Upstream, error) {
 	nd := d.netDialer()
 	var last *DialError
 	var triedBuf [8]*Upstream
@@ -185,20 +193,14 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (*net
 		}
 		tried = append(tried, u)
 		start := time.Now()
-		c, err := nd.DialContext(ctx, u.network(), u.hostPort())
+		c, err := d.connect(ctx, &nd, u, start)
 		took := time.Since(start)
 		if d.OnAttempt != nil {
 			d.OnAttempt(u.Addr, took, err)
 		}
 		if err == nil {
-			if tc, ok := c.(*net.TCPConn); ok {
-				u.succeeded(a)
-				return tc, u, nil
-			}
-			// Unreachable for TCP networks, but a wrong type must not crash
-			// the hop.
-			c.Close()
-			err = fmt.Errorf("dial returned %T, not *net.TCPConn", c)
+			u.succeeded(a)
+			return c, u, nil
 		}
 		last = &DialError{Upstream: u.Addr, Reason: ClassifyDialError(err), Err: err}
 		if ctxErr := ctx.Err(); ctxErr != nil {
@@ -228,6 +230,30 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (*net
 		return nil, nil, &DialError{Reason: ReasonConnectFailed, Err: errors.New("no upstreams to dial")}
 	}
 	return nil, nil, last
+}
+
+// connect makes one attempt on u: the TCP connect and, when u is dialed
+// over TLS, the handshake, both within one connect timeout from start.
+func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start time.Time) (net.Conn, error) {
+	c, err := nd.DialContext(ctx, u.network(), u.hostPort())
+	if err != nil {
+		return nil, err
+	}
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		// Unreachable for TCP networks, but a wrong type must not crash
+		// the hop.
+		c.Close()
+		return nil, fmt.Errorf("dial returned %T, not *net.TCPConn", c)
+	}
+	if d.TLS == nil {
+		return tc, nil
+	}
+	cfg := d.TLS(u)
+	if cfg == nil {
+		return tc, nil
+	}
+	return clientHandshake(ctx, tc, cfg, start.Add(d.connectTimeout()))
 }
 
 func (d *Dialer) maxConns(u *Upstream) int {

@@ -130,7 +130,7 @@ func TestDialHealthyUpstreamReturnsTCPConnThatCarriesBytes(t *testing.T) {
 		if _, err := c.Write([]byte("hello")); err != nil {
 			t.Fatal(err)
 		}
-		c.CloseWrite()
+		c.(*net.TCPConn).CloseWrite()
 		if s := <-got; s != "hello" {
 			t.Fatalf("upstream read %q, want hello", s)
 		}

@@ -1,6 +1,7 @@
 package layer4chain
 
 import (
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -44,6 +45,10 @@ type pipe struct {
 	t        Timeouts
 	client   net.Conn
 	upstream net.Conn
+	// The TCP sockets under client and upstream (the same connections
+	// unless TLS wraps them), for linger and the FIN after close_notify;
+	// nil where unknown.
+	clientTCP, upstreamTCP *net.TCPConn
 
 	up   direction // client → upstream
 	down direction // upstream → client
@@ -58,6 +63,7 @@ type pipe struct {
 type direction struct {
 	p        *pipe
 	src, dst net.Conn
+	dstTCP   *net.TCPConn // the socket under dst, nil where unknown
 	bytes    *atomic.Int64
 
 	closed   CloseReason // src sent EOF
@@ -70,6 +76,10 @@ type direction struct {
 	buf    *[]byte
 	n      int
 	err    error
+
+	// Reads of a TLS src: see readTLS. one is where an idle read waits.
+	tls *tls.Conn
+	one [1]byte
 
 	writeDeadline time.Time
 
@@ -84,13 +94,15 @@ type direction struct {
 //
 // sc, when not nil, screens the client's first bytes for a PROXY header.
 // The screening is the first phase of the client → upstream direction, so
-// the upstream may speak first while it lasts.
-func runPipe(r *Record, client, upstream net.Conn, t Timeouts, sc *screen) CloseReason {
-	p := &pipe{r: r, t: t, client: client, upstream: upstream}
-	p.up = direction{p: p, src: client, dst: upstream, bytes: &r.bytesUp,
+// the upstream may speak first while it lasts. clientTCP, when not nil, is
+// the TCP socket under a wrapped client (TLS terminated before this hop).
+func runPipe(r *Record, client net.Conn, clientTCP *net.TCPConn, upstream net.Conn, t Timeouts, sc *screen) CloseReason {
+	p := &pipe{r: r, t: t, client: client, upstream: upstream,
+		clientTCP: tcpOf(client, clientTCP), upstreamTCP: tcpOf(upstream, nil)}
+	p.up = direction{p: p, src: client, dst: upstream, dstTCP: p.upstreamTCP, bytes: &r.bytesUp,
 		closed: ReasonClientClosed, srcReset: ReasonClientReset, dstReset: ReasonUpstreamReset,
 		screen: sc}
-	p.down = direction{p: p, src: upstream, dst: client, bytes: &r.bytesDown,
+	p.down = direction{p: p, src: upstream, dst: client, dstTCP: p.clientTCP, bytes: &r.bytesDown,
 		closed: ReasonUpstreamClosed, srcReset: ReasonUpstreamReset, dstReset: ReasonClientReset}
 	clientRaw, upstreamRaw := r.rawSockets()
 	p.up.init(clientRaw)
@@ -120,8 +132,8 @@ func (p *pipe) fail(reason CloseReason, reset bool) {
 	p.r.setReason(reason)
 	p.closeOnce.Do(func() {
 		if reset {
-			for _, c := range []net.Conn{p.client, p.upstream} {
-				if tc, ok := c.(*net.TCPConn); ok {
+			for _, tc := range []*net.TCPConn{p.clientTCP, p.upstreamTCP} {
+				if tc != nil {
 					_ = tc.SetLinger(0)
 				}
 			}
@@ -168,12 +180,20 @@ func (p *pipe) expired(now time.Time) (CloseReason, bool) {
 }
 
 // init sets up readiness-first reads when src is a plain TCP socket (a
-// wrapper may buffer bytes that reading its fd would skip). raw is src's
-// RawConn as the record keeps it.
+// wrapper may buffer bytes that reading its fd would skip), and bufferless
+// waits when it is a TLS connection. raw is src's RawConn as the record
+// keeps it.
 func (d *direction) init(raw syscall.RawConn) {
-	if _, ok := d.src.(*net.TCPConn); ok && rawReadSupported && raw != nil {
-		d.raw = raw
-		d.readFn = d.readFd
+	switch c := d.src.(type) {
+	case *net.TCPConn:
+		if rawReadSupported && raw != nil {
+			d.raw = raw
+			d.readFn = d.readFd
+		}
+	case *tls.Conn:
+		if tlsReadsBufferless {
+			d.tls = c
+		}
 	}
 }
 
@@ -278,6 +298,9 @@ func (d *direction) copy() {
 // readability first and takes a buffer from the pool only when bytes are
 // there, so an idle connection holds no buffer.
 func (d *direction) read() (*[]byte, int, error) {
+	if d.tls != nil {
+		return d.readTLS()
+	}
 	if d.raw == nil {
 		b := getBuf()
 		n, err := d.src.Read(*b)
@@ -298,6 +321,15 @@ func (d *direction) write(b []byte, now time.Time) error {
 		n, err := d.dst.Write(b)
 		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 			return err
+		}
+		if _, ok := d.dst.(*tls.Conn); ok {
+			// A TLS connection whose write timed out is broken for good:
+			// the peer took no byte for a whole limit.
+			lim, reason := d.p.limit(d.p.r.State())
+			if lim <= 0 {
+				reason = ReasonMaxLifetime
+			}
+			return &limitError{reason}
 		}
 		b = b[n:]
 		now = time.Now()
@@ -345,8 +377,7 @@ func (e *limitError) Error() string { return string(e.reason) }
 // connection half-closed and wakes the other so it re-arms with the
 // half-close limit.
 func (d *direction) finish() {
-	cw, ok := d.dst.(closeWriter)
-	if !ok {
+	if !canCloseWrite(d.dst) {
 		// Without a way to send EOF alone, the peer would wait forever for
 		// the end of a response: end the whole connection instead.
 		d.p.fail(d.closed, false)
@@ -362,7 +393,7 @@ func (d *direction) finish() {
 	}
 	d.p.firstClosed = d.closed
 	d.p.r.setState(StateHalfClosed)
-	if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+	if err := closeWrite(d.dst, d.dstTCP); err != nil && !errors.Is(err, net.ErrClosed) {
 		d.p.fail(d.dstReset, true)
 		return
 	}

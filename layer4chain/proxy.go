@@ -67,6 +67,10 @@ type ClientMeta struct {
 	// TLS is the TLS session a handler before this one terminated, nil if
 	// none. A v2 header sent upstream describes it (TLSSessionTLVs).
 	TLS *tls.ConnectionState
+	// Socket is the TCP socket under the client connection when a wrapper
+	// this package cannot see through (a TLS handler's) stands between
+	// them; nil otherwise. Half-close and resets act on it.
+	Socket *net.TCPConn
 }
 
 // Serve proxies one client connection until it ends and returns why it
@@ -159,7 +163,8 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.mu.Lock()
 	r.upstream = up.Addr
 	r.mu.Unlock()
-	r.setSockets(client, upConn)
+	clientTCP := tcpOf(client, meta.Socket)
+	r.setSockets(clientTCP, tcpOf(upConn, nil))
 	r.setInterrupt(func() {
 		cancel()
 		r.markShut(shutClient | shutUpstream)
@@ -176,14 +181,14 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.established.Store(now.UnixNano())
 	r.touch(now)
 	r.setState(StateEstablished)
-	return runPipe(r, client, upConn, p.Timeouts, sc)
+	return runPipe(r, client, clientTCP, upConn, p.Timeouts, sc)
 }
 
 // dialUpstream dials the upstreams in the balancer's order for client. With
 // a TryDuration it starts over, after TryInterval, until an upstream
 // connects or TryDuration has passed since the first attempt; without one,
 // a single pass decides.
-func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, clientIP netip.Addr) (*net.TCPConn, *Upstream, error) {
+func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, clientIP netip.Addr) (net.Conn, *Upstream, error) {
 	var orderBuf [8]*Upstream
 	deadline := time.Now().Add(p.TryDuration)
 	for {
@@ -246,7 +251,8 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 	if p.Accept == nil {
 		return o, pending, nil, ReasonNone
 	}
-	if !isTrusted(p.Accept.Allow, r.Client.Addr()) {
+	acc, trusted := p.Accept.forPeer(r.Client.Addr(), session)
+	if !trusted {
 		sc = &screen{timeout: p.Accept.timeout()}
 		switch sc.next(pending, time.Now()) {
 		case verdictForward:
@@ -258,7 +264,7 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 		return o, nil, sc, ReasonNone
 	}
 	pr := &prefixedConn{Conn: client, pending: pending}
-	info, rest, err := p.Accept.Accept(pr, r.Client.Addr())
+	info, rest, err := acc.Accept(pr, r.Client.Addr())
 	if err != nil && p.Accept.Optional && errors.Is(err, io.EOF) {
 		// A direct client that half-closed before a header could start:
 		// its bytes go on, and the pipe reads the EOF again.

@@ -174,7 +174,7 @@ func TestOffAdaptsToMinusOne(t *testing.T) {
 func TestProxyOptionsChainLacksSayWhatToUse(t *testing.T) {
 	for option, want := range map[string]string{
 		"health_uri /health": "option 'health_uri': chain's active health checks are TCP connects (with a PROXY v2 LOCAL header when proxy_protocol is set), not HTTP requests; use health_port, health_interval and health_timeout, at Caddyfile:6",
-		"upstream 127.0.0.1:7003 {\n\t\t\t\t\t\ttls\n\t\t\t\t\t}": "option 'tls': TLS to the next hop is not supported yet; chain forwards the client's bytes as they are, so a TLS stream passes through end to end, at Caddyfile:7",
+		"upstream 127.0.0.1:7003 {\n\t\t\t\t\t\ttls_trust_pool inline abc\n\t\t\t\t\t}": "option 'tls_trust_pool': want file <pem_files...>",
 	} {
 		_, err := adapt(t, "Caddyfile", []byte(wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\t"+option+"\n\t\t\t\t}")))
 		if err == nil || !strings.Contains(err.Error(), want) {

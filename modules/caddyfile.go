@@ -23,6 +23,13 @@ func init() {
 //			dial <address>
 //			max_connections <n>|off
 //			weight <n>
+//			tls
+//			tls_client_auth <cert_file> <key_file>
+//			tls_insecure_skip_verify
+//			tls_server_name <name>
+//			tls_trust_pool file <pem_files...>
+//			tls_renegotiation never|once|freely
+//			tls_curves <curves...>
 //		}
 //		connect_timeout <duration>
 //		idle_timeout <duration>|off
@@ -31,6 +38,7 @@ func init() {
 //		proxy_protocol v1|v2
 //		accept_proxy_protocol {
 //			allow <cidrs...>
+//			allow_certificates <names...>
 //			timeout <duration>
 //		}
 //
@@ -118,9 +126,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			app := new(AcceptProxyProtocol)
 			h.AcceptProxyProtocol = app
 			return chaincaddyfile.ParseBlock(d, "accept_proxy_protocol", map[string]chaincaddyfile.Option{
-				"allow":   chaincaddyfile.Strings(&app.Allow),
-				"timeout": chaincaddyfile.NotOff(whyAcceptTimeoutOn, chaincaddyfile.Duration(&app.Timeout)),
-			}, "allow")
+				"allow":              chaincaddyfile.Strings(&app.Allow),
+				"timeout":            chaincaddyfile.NotOff(whyAcceptTimeoutOn, chaincaddyfile.Duration(&app.Timeout)),
+				"allow_certificates": chaincaddyfile.Strings(&app.AllowCertificates),
+			}, "allow", "allow_certificates")
 		},
 	}
 	for name, instead := range proxyOptionsNotYet {
@@ -166,12 +175,15 @@ func (h *Handler) parseUpstream(d *caddyfile.Dispenser) error {
 	errOneAddress := d.Errf("option 'upstream': a block configures one upstream; give it exactly one address, on the line or with dial")
 	addrs := d.RemainingArgs()
 	var u Upstream
-	err := chaincaddyfile.ParseBlock(d, "upstream", map[string]chaincaddyfile.Option{
+	options := map[string]chaincaddyfile.Option{
 		"dial":            chaincaddyfile.Strings(&addrs),
 		"max_connections": chaincaddyfile.IntOrOff(&u.MaxConnections),
 		"weight":          chaincaddyfile.Int(&u.Weight),
-		"tls":             chaincaddyfile.Unsupported(notYet["tls"]),
-	}, "dial")
+	}
+	for _, name := range []string{"tls", "tls_client_auth", "tls_insecure_skip_verify", "tls_server_name", "tls_trust_pool", "tls_renegotiation", "tls_curves"} {
+		options[name] = parseUpstreamTLS(&u, name)
+	}
+	err := chaincaddyfile.ParseBlock(d, "upstream", options, "dial")
 	if err != nil {
 		return err
 	}

@@ -6,6 +6,7 @@ package modules
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 
@@ -148,6 +150,21 @@ type Upstream struct {
 	// ignore it. Absent or 0: 1. At least 1 when set.
 	Weight int `json:"weight,omitempty"`
 
+	// TLS dials this upstream over TLS, with caddy-l4 proxy's upstream
+	// "tls" object (Caddy reverse_proxy's TLS config): "server_name"
+	// (default: the dial address's host, which the certificate must
+	// match), "ca" (a tls.ca_pool.source module, e.g. {"provider":
+	// "file", "pem_files": [...]}) or "root_ca_pem_files" (default: the
+	// system's roots), "client_certificate_file" and
+	// "client_certificate_key_file" (a certificate the next hop can
+	// verify; default none), "insecure_skip_verify" (default false; never
+	// between machines: the header could be read and forged), "curves",
+	// "renegotiation". connect_timeout bounds the TCP connect and the
+	// handshake together ("handshake_timeout" and "except_ports" are
+	// rejected). The PROXY header and every byte go inside the session.
+	// Active health checks stay plain TCP connects. Absent: plain TCP.
+	TLS *reverseproxy.TLSConfig `json:"tls,omitempty"`
+
 	// rejected holds the fields of the JSON object that are not accepted,
 	// in the object's order, so that check can name them with the
 	// upstream's index, which UnmarshalJSON does not know.
@@ -156,9 +173,7 @@ type Upstream struct {
 
 // notYet says what to use instead of an upstream field that caddy-l4 has
 // and that chain does not have yet.
-var notYet = map[string]string{
-	"tls": "TLS to the next hop is not supported yet; chain forwards the client's bytes as they are, so a TLS stream passes through end to end",
-}
+var notYet = map[string]string{}
 
 // UnmarshalJSON accepts an upstream object or a plain address string. It
 // is strict like Caddy's own decoding: an unknown field fails the load, in
@@ -185,6 +200,8 @@ func (u *Upstream) UnmarshalJSON(b []byte) error {
 			dst = &u.MaxConnections
 		case "weight":
 			dst = &u.Weight
+		case "tls":
+			dst = &u.TLS
 		default:
 			u.rejected = append(u.rejected, name)
 			continue
@@ -247,6 +264,18 @@ type AcceptProxyProtocol struct {
 	// could forge its address; it loads with a warning.
 	Allow []string `json:"allow,omitempty"`
 
+	// AllowCertificates trusts a previous hop by its client certificate,
+	// whatever its address: a peer whose certificate was verified by
+	// caddy-l4's tls handler before chain in the same route, and whose
+	// Subject CN or one of whose DNS SANs is in this list (compared
+	// without case), is trusted like a peer in Allow. It requires that
+	// handler to verify client certificates against the previous hop's
+	// CA: tls { connection_policies { client_auth { mode
+	// require_and_verify; trusted_ca_cert_file ... } } }; a certificate
+	// that was not verified never matches. Allow may then be empty.
+	// Default: none, trust by address only.
+	AllowCertificates []string `json:"allow_certificates,omitempty"`
+
 	// Timeout bounds how long a trusted peer's header may take to arrive
 	// whole, and how long an untrusted peer's bytes that start like a
 	// PROXY signature may stay undecided. Absent or 0: 3s. It cannot be switched off: a peer that never
@@ -305,6 +334,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("upstreams: %w", err)
 	}
 
+	upstreamTLS, err := h.upstreamTLS(ctx, upstreams)
+	if err != nil {
+		return err
+	}
+
 	tracker := processTracker()
 	p := &layer4chain.Proxy{
 		Tracker: tracker,
@@ -321,6 +355,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			OnAttempt:      tracker.ReportDial,
 			MaxConnections: balancer.MaxConnectionsOf,
 			TryInterval:    tryInterval,
+			TLS:            upstreamTLS,
 		},
 		TryDuration: tryDuration,
 		Timeouts: layer4chain.Timeouts{
@@ -355,6 +390,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			MaxFails:                 resolveLimit(ps.MaxFails, defaultMaxFails),
 			UnhealthyConnectionCount: resolveLimit(ps.UnhealthyConnectionCount, 0),
 		}
+	}
+	if app := h.AcceptProxyProtocol; app != nil {
+		p.Accept.AllowCertificates = app.AllowCertificates
 	}
 	h.proxy = p
 	// Checks and close_if_unhealthy act on the running config only: the
@@ -452,6 +490,9 @@ func (h *Handler) check() error {
 		if err := checkUpstreamLimits(i, u); err != nil {
 			return err
 		}
+		if err := checkUpstreamTLS(i, u.TLS); err != nil {
+			return err
+		}
 		addr, err := dialAddr(u.Dial[0])
 		if err != nil {
 			return fmt.Errorf("upstreams[%d].dial: %w", i, err)
@@ -473,7 +514,7 @@ func (h *Handler) check() error {
 		}
 	}
 	if app := h.AcceptProxyProtocol; app != nil {
-		if len(app.Allow) == 0 {
+		if len(app.Allow) == 0 && len(app.AllowCertificates) == 0 {
 			return fmt.Errorf("accept_proxy_protocol.allow: empty, so no peer is trusted and every PROXY header would be rejected; list the previous hops' IPs or CIDRs (e.g. \"10.0.0.0/8\"), or leave accept_proxy_protocol out")
 		}
 		if err := checkDuration("accept_proxy_protocol.timeout", app.Timeout, whyAcceptTimeoutOn); err != nil {
@@ -565,6 +606,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if sni, ok := cx.Replacer().GetString("l4.tls.server_name"); ok {
 		meta.SNI = sni
 	}
+	// caddy-l4's tls handler records each session it terminated; the
+	// first is the client's own.
+	if states, ok := cx.GetVar(layer4.TLSConnectionStatesVarName).([]*tls.ConnectionState); ok && len(states) > 0 {
+		meta.TLS = states[0]
+	}
+	meta.Socket = clientSocket(cx)
 	h.proxy.Serve(cx.Conn, pending, meta)
 	// The outcome is in the tracker, its metrics and the access log;
 	// returning an error would only add a duplicate line from caddy-l4.

@@ -58,8 +58,14 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 			"upstreams[1].weight: want at least 1, or 0 for the default 1, got -1"},
 		{"upstream weight not a number", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "weight": "3"}}},
 			"weight: json: cannot unmarshal string"},
-		{"upstream tls", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{}}}},
-			"upstreams[0].tls: TLS to the next hop is not supported yet"},
+		{"upstream tls handshake_timeout", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"handshake_timeout": "1s"}}}},
+			"upstreams[0].tls.handshake_timeout: connect_timeout bounds the TCP connect and the TLS handshake together"},
+		{"upstream tls except_ports", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"except_ports": []string{"80"}}}}},
+			"upstreams[0].tls.except_ports: each chain upstream has one address"},
+		{"upstream tls client certificate without key", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"client_certificate_file": "c.pem"}}}},
+			"upstreams[0].tls: client_certificate_file specified without client_certificate_key_file"},
+		{"one address with and without tls", map[string]any{"upstreams": []any{"127.0.0.1:9", map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{}}}},
+			"upstreams[1].tls: 127.0.0.1:9 is listed before without tls"},
 
 		{"fail_duration in ns", map[string]any{"upstreams": ok, "health_checks": map[string]any{"passive": map[string]any{"fail_duration": 30}}},
 			`health_checks.passive.fail_duration: 30ns; did you mean "30s"?`},
@@ -203,13 +209,15 @@ func TestUpstreamRejectsFieldsInTheObjectsOrder(t *testing.T) {
 }
 
 // TestUpstreamObjectTakesCaddyL4sPerUpstreamFields: max_connections and
-// weight are read, tls is still named as not supported.
+// weight and tls (Caddy's reverse proxy TLS config, as caddy-l4 spells it)
+// are read.
 func TestUpstreamObjectTakesCaddyL4sPerUpstreamFields(t *testing.T) {
 	var u Upstream
-	if err := json.Unmarshal([]byte(`{"dial":["127.0.0.1:9"],"max_connections":-1,"weight":3,"tls":{}}`), &u); err != nil {
+	if err := json.Unmarshal([]byte(`{"dial":["127.0.0.1:9"],"max_connections":-1,"weight":3,"tls":{"server_name":"inner.example","insecure_skip_verify":false,"client_certificate_file":"c.pem","client_certificate_key_file":"k.pem","root_ca_pem_files":["ca.pem"]}}`), &u); err != nil {
 		t.Fatal(err)
 	}
-	if u.MaxConnections != -1 || u.Weight != 3 || strings.Join(u.rejected, ",") != "tls" {
+	if u.MaxConnections != -1 || u.Weight != 3 || len(u.rejected) != 0 || u.TLS == nil || u.TLS.ServerName != "inner.example" ||
+		u.TLS.ClientCertificateFile != "c.pem" || u.TLS.ClientCertificateKeyFile != "k.pem" || len(u.TLS.RootCAPEMFiles) != 1 {
 		t.Fatalf("got %+v", u)
 	}
 }

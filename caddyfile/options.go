@@ -216,6 +216,32 @@ func OneOf(dst *string, choices ...string) Option {
 	}
 }
 
+// Bytes parses an option with one or more values from 0 to 255, each in
+// hex ("0x20") or decimal ("32"), and appends them. For TLV types, which
+// the PROXY protocol spec writes in hex.
+func Bytes(dst *[]int) Option {
+	return func(d *caddyfile.Dispenser) error {
+		name := d.Val()
+		args := d.RemainingArgs()
+		if len(args) == 0 {
+			return d.Errf("option '%s' needs at least one value", name)
+		}
+		for _, a := range args {
+			// Not base 0: a leading 0 would read as octal, 0b as binary.
+			digits, base := a, 10
+			if len(a) > 2 && (a[:2] == "0x" || a[:2] == "0X") {
+				digits, base = a[2:], 16
+			}
+			n, err := strconv.ParseUint(digits, base, 8)
+			if err != nil {
+				return d.Errf("option '%s': want a value from 0 to 255, in hex (0x20) or decimal, got '%s'", name, a)
+			}
+			*dst = append(*dst, int(n))
+		}
+		return nil
+	}
+}
+
 // Strings parses an option with one or more arguments and appends them.
 func Strings(dst *[]string) Option {
 	return func(d *caddyfile.Dispenser) error {

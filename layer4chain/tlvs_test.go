@@ -3,16 +3,10 @@ package layer4chain
 import (
 	"bufio"
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/binary"
 	"hash/crc32"
 	"io"
-	"math/big"
 	"net"
 	"net/netip"
 	"strings"
@@ -238,50 +232,6 @@ func TestAppendToRefusesGeneratedTLVs(t *testing.T) {
 	}
 }
 
-// testCA is a throwaway certificate authority.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pool *x509.CertPool
-}
-
-func newTestCA(t *testing.T) *testCA {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, _ := x509.ParseCertificate(der)
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool}
-}
-
-// issue makes a leaf certificate for cn, valid for serving and as a client.
-func (ca *testCA) issue(t *testing.T, cn string) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
-		DNSNames: []string{cn}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
 // handshake runs a TLS handshake over loopback and returns the server's
 // view of the session.
 func handshake(t *testing.T, server, client *tls.Config) tls.ConnectionState {
@@ -303,8 +253,8 @@ func handshake(t *testing.T, server, client *tls.Config) tls.ConnectionState {
 // go-proxyproto's own SSL parser, as what the handshake agreed: ALPN,
 // version, cipher, and the client certificate's CN only when verified.
 func TestTLSSessionTLVsDescribeTheHandshake(t *testing.T) {
-	ca := newTestCA(t)
-	serverCert, clientCert := ca.issue(t, "hop.test"), ca.issue(t, "client-7")
+	ca := chaintest.NewCA(t, "test CA")
+	serverCert, clientCert := ca.Issue(t, "hop.test", "hop.test"), ca.Issue(t, "client-7")
 	for _, tc := range []struct {
 		name         string
 		clientAuth   tls.ClientAuthType
@@ -318,8 +268,8 @@ func TestTLSSessionTLVsDescribeTheHandshake(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cs := handshake(t,
-				&tls.Config{Certificates: []tls.Certificate{serverCert}, ClientAuth: tc.clientAuth, ClientCAs: ca.pool, NextProtos: []string{"h2"}},
-				&tls.Config{ServerName: "hop.test", RootCAs: ca.pool, Certificates: tc.clientCerts, NextProtos: []string{"h2", "http/1.1"}})
+				&tls.Config{Certificates: []tls.Certificate{serverCert}, ClientAuth: tc.clientAuth, ClientCAs: ca.Pool, NextProtos: []string{"h2"}},
+				&tls.Config{ServerName: "hop.test", RootCAs: ca.Pool, Certificates: tc.clientCerts, NextProtos: []string{"h2", "http/1.1"}})
 			b := mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:1"), TLVs: TLSSessionTLVs(&cs)})
 			h, err := proxyproto.Read(bufio.NewReader(bytes.NewReader(b)))
 			if err != nil {

@@ -36,10 +36,13 @@ func init() {
 //		half_close_timeout <duration>|off
 //		max_lifetime <duration>|off
 //		proxy_protocol v1|v2
+//		proxy_protocol_crc32c
+//		forward_tlvs <types...>
 //		accept_proxy_protocol {
 //			allow <cidrs...>
 //			allow_certificates <names...>
 //			timeout <duration>
+//			policy require|optional
 //		}
 //
 //		# load balancing
@@ -70,7 +73,8 @@ func init() {
 // Upstreams may be given on the directive's line, with `upstream` lines, or
 // both, in that order. An `upstream` line without a block makes one
 // upstream per address; with a block, it configures one upstream, whose
-// address is on the line or in `dial`. The option names are caddy-l4
+// address is on the line or in `dial`. `forward_tlvs` takes TLV types in
+// hex ("0x20", "0xE5") or decimal. The option names are caddy-l4
 // proxy's. `close_if_unhealthy` applies to every kind of health check that
 // is on: active checks (health_checks.active.close_if_unhealthy) and the
 // circuit breaker (health_checks.passive.close_if_unhealthy). `off` adapts
@@ -100,6 +104,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"half_close_timeout":         chaincaddyfile.DurationOrOff(&h.HalfCloseTimeout),
 		"max_lifetime":               chaincaddyfile.DurationOrOff(&h.MaxLifetime),
 		"proxy_protocol":             chaincaddyfile.OneOf(&h.ProxyProtocol, "v1", "v2"),
+		"proxy_protocol_crc32c":      chaincaddyfile.Flag(&h.ProxyProtocolCRC32C),
+		"forward_tlvs":               chaincaddyfile.Bytes(&h.ForwardTLVs),
 		"lb_policy":                  chaincaddyfile.OneOf(&policy, layer4chain.Policies...),
 		"lb_tries":                   chaincaddyfile.Int(&lb.Tries),
 		"lb_try_duration":            chaincaddyfile.DurationOrOff(&lb.TryDuration),
@@ -128,6 +134,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return chaincaddyfile.ParseBlock(d, "accept_proxy_protocol", map[string]chaincaddyfile.Option{
 				"allow":              chaincaddyfile.Strings(&app.Allow),
 				"timeout":            chaincaddyfile.NotOff(whyAcceptTimeoutOn, chaincaddyfile.Duration(&app.Timeout)),
+				"policy":             chaincaddyfile.OneOf(&app.Policy, policyRequire, policyOptional),
 				"allow_certificates": chaincaddyfile.Strings(&app.AllowCertificates),
 			}, "allow", "allow_certificates")
 		},

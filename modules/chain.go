@@ -94,9 +94,30 @@ type Handler struct {
 	// ProxyProtocol sends a PROXY protocol header of this version ("v1" or
 	// "v2") to the upstream, carrying the original client address. v2 also
 	// carries the chain ID (PP2_TYPE_UNIQUE_ID), the hop count (TLV 0xE0)
-	// and the TLS server name (PP2_TYPE_AUTHORITY) when known.
-	// Default: empty, no header.
+	// and the TLS server name (PP2_TYPE_AUTHORITY) when known. When
+	// caddy-l4's tls handler terminated TLS before chain, v2 also describes
+	// that session: the negotiated protocol (PP2_TYPE_ALPN) and
+	// PP2_TYPE_SSL (version, cipher, and the client certificate's CN when
+	// it was verified). Default: empty, no header.
 	ProxyProtocol string `json:"proxy_protocol,omitempty"`
+
+	// ProxyProtocolCRC32C adds a checksum (PP2_TYPE_CRC32C) to the v2
+	// header sent upstream, so that the next hop can tell a header changed
+	// on the way. Requires proxy_protocol v2. Default: false. A received
+	// header that carries a CRC32C is always verified; a mismatch closes
+	// the connection (proxy_protocol_rejected, malformed).
+	ProxyProtocolCRC32C bool `json:"proxy_protocol_crc32c,omitempty"`
+
+	// ForwardTLVs lists the TLV types, as numbers 0 to 255, that are copied
+	// from a trusted previous hop's v2 header into the v2 header sent
+	// upstream, after the chain ID and hop count, which always travel. For
+	// example 32 (0x20, SSL), 1 (0x01, ALPN) or 229 (0xE5, custom); the
+	// Caddyfile also takes hex ("0x20"). A forwarded ALPN or SSL TLV
+	// replaces the one describing a TLS session terminated on this hop.
+	// The types chain sends itself cannot be listed: 2 (authority, which
+	// travels anyway), 3 (CRC32C), 5 (unique ID) and 224 (0xE0, hop count).
+	// Requires proxy_protocol v2 and accept_proxy_protocol. Default: none.
+	ForwardTLVs []int `json:"forward_tlvs,omitempty"`
 
 	// AcceptProxyProtocol, if set, reads a PROXY protocol header (v1 or v2)
 	// from the previous hop. Peers in its allow list are trusted and must
@@ -254,13 +275,13 @@ type Selection struct {
 // AcceptProxyProtocol configures reading PROXY headers from previous hops.
 type AcceptProxyProtocol struct {
 	// Allow lists the peers (CIDRs or single IPs) whose PROXY headers are
-	// trusted. Required: an empty list would trust nobody. A trusted peer
-	// must send a header; one that sends nothing is rejected (timeout) once
-	// Timeout has passed. A peer outside the list is served as a direct
-	// client without waiting, so protocols where the server speaks first
-	// work; its first bytes are screened: a PROXY header is rejected
-	// (untrusted), and bytes that start like one are held until decided. A
-	// prefix of length 0 (0.0.0.0/0, ::/0) trusts every peer, so any client
+	// trusted. Required: an empty list would trust nobody. Under the
+	// require policy a trusted peer must send a header; one that sends
+	// nothing is rejected (timeout) once Timeout has passed (see Policy).
+	// A peer outside the list is served as a direct client without
+	// waiting, so protocols where the server speaks first work; its first
+	// bytes are screened: a PROXY header is rejected (untrusted), and bytes
+	// that start like one are held until decided. A prefix of length 0 (0.0.0.0/0, ::/0) trusts every peer, so any client
 	// could forge its address; it loads with a warning.
 	Allow []string `json:"allow,omitempty"`
 
@@ -281,7 +302,26 @@ type AcceptProxyProtocol struct {
 	// PROXY signature may stay undecided. Absent or 0: 3s. It cannot be switched off: a peer that never
 	// finishes its header would hold the connection forever. At least 1ms.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// Policy says whether a trusted peer must send a header. "require"
+	// (default, also when empty): it must, or the connection is closed
+	// (proxy_protocol_rejected). "optional": a trusted peer may send a
+	// header or none on the same port; its first bytes decide: a PROXY
+	// signature is read and used, bytes that cannot start one make it a
+	// direct client, forwarded as they are, and a partial signature is held
+	// until decided. A trusted peer that sends nothing is served as a
+	// direct client once Timeout has passed, so under optional a
+	// server-speaks-first protocol (SMTP, MySQL, SSH) from a trusted
+	// address waits Timeout for its greeting. Untrusted peers are screened
+	// the same under both policies: their headers are never used.
+	Policy string `json:"policy,omitempty"`
 }
+
+// The values of accept_proxy_protocol.policy.
+const (
+	policyRequire  = "require"
+	policyOptional = "optional"
+)
 
 // CaddyModule returns the Caddy module information.
 func (*Handler) CaddyModule() caddy.ModuleInfo {
@@ -381,7 +421,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 					zap.String("prefix", pfx.String()))
 			}
 		}
-		p.Accept = &layer4chain.ProxyAcceptor{Allow: allow, Timeout: resolveDuration(app.Timeout, defaultAcceptTimeout)}
+		p.Accept = &layer4chain.ProxyAcceptor{Allow: allow, Timeout: resolveDuration(app.Timeout, defaultAcceptTimeout),
+			Optional: app.Policy == policyOptional}
+	}
+	p.EmitCRC32C = h.ProxyProtocolCRC32C
+	for _, t := range h.ForwardTLVs {
+		p.ForwardTLVs = append(p.ForwardTLVs, byte(t))
 	}
 	if hc := h.HealthChecks; hc != nil && hc.Passive != nil {
 		ps := hc.Passive
@@ -520,11 +565,22 @@ func (h *Handler) check() error {
 		if err := checkDuration("accept_proxy_protocol.timeout", app.Timeout, whyAcceptTimeoutOn); err != nil {
 			return err
 		}
+		switch app.Policy {
+		case "", policyRequire, policyOptional:
+		default:
+			return fmt.Errorf("accept_proxy_protocol.policy: unknown policy %q (want %s or %s)", app.Policy, policyRequire, policyOptional)
+		}
 	}
 	switch h.ProxyProtocol {
 	case "", "v1", "v2":
 	default:
 		return fmt.Errorf("proxy_protocol: unknown version %q (want v1 or v2)", h.ProxyProtocol)
+	}
+	if h.ProxyProtocolCRC32C && h.ProxyProtocol != "v2" {
+		return fmt.Errorf("proxy_protocol_crc32c: the checksum is a v2 TLV; set proxy_protocol to v2")
+	}
+	if err := h.checkForwardTLVs(); err != nil {
+		return err
 	}
 	if lb := h.LoadBalancing; lb != nil {
 		if err := checkLimit("load_balancing.tries", lb.Tries, whyTriesOn, maxTries); err != nil {
@@ -544,6 +600,32 @@ func (h *Handler) check() error {
 		return err
 	}
 	return checkLimit("max_connections_per_client", h.MaxConnectionsPerClient, "", 0)
+}
+
+// checkForwardTLVs rejects forward_tlvs that could not work: types out of
+// range, listed twice, or generated by chain itself, and a list without a
+// header to read them from or one to copy them into.
+func (h *Handler) checkForwardTLVs() error {
+	if len(h.ForwardTLVs) == 0 {
+		return nil
+	}
+	if h.ProxyProtocol != "v2" {
+		return fmt.Errorf("forward_tlvs: TLVs travel in PROXY v2 only; set proxy_protocol to v2")
+	}
+	if h.AcceptProxyProtocol == nil {
+		return fmt.Errorf("forward_tlvs: there is no header to forward TLVs from; set accept_proxy_protocol")
+	}
+	for i, t := range h.ForwardTLVs {
+		switch {
+		case t < 0 || t > 255:
+			return fmt.Errorf("forward_tlvs[%d]: %d is not a TLV type (0 to 255)", i, t)
+		case layer4chain.IsGeneratedTLV(byte(t)):
+			return fmt.Errorf("forward_tlvs[%d]: type %d (0x%02X) is sent by chain itself (authority, CRC32C, unique ID or hop count) and cannot be forwarded", i, t, t)
+		case slices.Contains(h.ForwardTLVs[:i], t):
+			return fmt.Errorf("forward_tlvs[%d]: type %d (0x%02X) is listed twice", i, t, t)
+		}
+	}
+	return nil
 }
 
 // dialAddr turns an upstream address in Caddy's network-address form into

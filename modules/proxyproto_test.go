@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
@@ -226,4 +228,77 @@ func TestPerClientLimitClosesTheExtraConnection(t *testing.T) {
 	first.Close()
 	waitEmpty(t)
 	roundTrip(t, chaintest.Dial(t, addr), "a new one after the first closed")
+}
+
+// Each option of the header between hops fails a bad config naming the
+// field and the value.
+func TestBadProxyHeaderOptionsFailTheConfig(t *testing.T) {
+	accept := map[string]any{"allow": []string{"127.0.0.1"}}
+	for _, tc := range []struct {
+		name    string
+		handler map[string]any
+		want    string
+	}{
+		{"unknown policy", map[string]any{"accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.1"}, "policy": "sometimes"}},
+			`accept_proxy_protocol.policy: unknown policy "sometimes" (want require or optional)`},
+		{"generated type", map[string]any{"proxy_protocol": "v2", "accept_proxy_protocol": accept, "forward_tlvs": []int{0x20, 5}},
+			"forward_tlvs[1]: type 5 (0x05) is sent by chain itself"},
+		{"hop count", map[string]any{"proxy_protocol": "v2", "accept_proxy_protocol": accept, "forward_tlvs": []int{0xE0}},
+			"forward_tlvs[0]: type 224 (0xE0) is sent by chain itself"},
+		{"CRC32C", map[string]any{"proxy_protocol": "v2", "accept_proxy_protocol": accept, "forward_tlvs": []int{3}},
+			"forward_tlvs[0]: type 3 (0x03) is sent by chain itself"},
+		{"out of range", map[string]any{"proxy_protocol": "v2", "accept_proxy_protocol": accept, "forward_tlvs": []int{256}},
+			"forward_tlvs[0]: 256 is not a TLV type (0 to 255)"},
+		{"twice", map[string]any{"proxy_protocol": "v2", "accept_proxy_protocol": accept, "forward_tlvs": []int{0xE5, 0xE5}},
+			"forward_tlvs[1]: type 229 (0xE5) is listed twice"},
+		{"hex string", map[string]any{"proxy_protocol": "v2", "accept_proxy_protocol": accept, "forward_tlvs": []string{"0x20"}},
+			"forward_tlvs"},
+		{"forward with v1", map[string]any{"proxy_protocol": "v1", "accept_proxy_protocol": accept, "forward_tlvs": []int{0xE5}},
+			"forward_tlvs: TLVs travel in PROXY v2 only"},
+		{"forward without accepting", map[string]any{"proxy_protocol": "v2", "forward_tlvs": []int{0xE5}},
+			"forward_tlvs: there is no header to forward TLVs from"},
+		{"CRC32C without v2", map[string]any{"proxy_protocol": "v1", "proxy_protocol_crc32c": true},
+			"proxy_protocol_crc32c: the checksum is a v2 TLV"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.handler["upstreams"] = upstreams("127.0.0.1:1")
+			assertLoadError(t, tc.handler, tc.want)
+		})
+	}
+}
+
+// Under policy optional, a client from a trusted address that sends no
+// header (a health checker beside the load balancer) is served; under the
+// default policy the same client is refused as missing its header.
+func TestOptionalPolicyServesATrustedClientWithoutAHeader(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	for _, policy := range []string{"optional", ""} {
+		addr := chaintest.FreeAddr(t)
+		if err := caddy.Load(caddyConfig(map[string]any{"hop": server(addr, map[string]any{
+			"upstreams":             upstreams(backend.Addr),
+			"accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.1/32"}, "policy": policy},
+		})}), true); err != nil {
+			t.Fatal(err)
+		}
+		missing := processTracker().ProxyRejections(layer4chain.ProxyRejectMissing)
+		c := chaintest.Dial(t, addr)
+		if policy == "optional" {
+			roundTrip(t, c, "health check")
+		} else {
+			io.WriteString(c, "health check")
+			if got, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); len(got) != 0 {
+				t.Fatalf("require: a trusted client without a header read %q", got)
+			}
+		}
+		c.Close()
+		waitEmpty(t)
+		// The rejection is counted before the record is removed.
+		if n := processTracker().ProxyRejections(layer4chain.ProxyRejectMissing) - missing; (policy == "") != (n == 1) || n > 1 {
+			t.Fatalf("policy %q: %d missing-header rejections", policy, n)
+		}
+		if err := caddy.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

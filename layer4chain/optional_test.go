@@ -181,3 +181,26 @@ func echo(t *testing.T, c interface {
 	}
 	c.SetReadDeadline(time.Time{})
 }
+
+// A trusted client under optional whose only words are "PRO" before its
+// half-close is a direct client: the server gets "PRO" then the EOF, and
+// its answer comes back.
+func TestOptionalPolicyForwardsAPrefixThatEndsInEOF(t *testing.T) {
+	checkEngineLeaks(t)
+	backend, got := greetingBackend(t)
+	h, closed := optionalHop(t, backend.Addr, 5*time.Second)
+	c := chaintest.Dial(t, h.Addr)
+	if _, err := io.WriteString(c, "PRO"); err != nil {
+		t.Fatal(err)
+	}
+	c.CloseWrite()
+	if b := received(t, got); string(b) != "PRO" {
+		t.Fatalf("backend got %q, want PRO then EOF", b)
+	}
+	if all, _, err := chaintest.ReadUntilClosed(c, 5*time.Second); err != nil || string(all) != greeting+farewell {
+		t.Fatalf("client read %q, %v; want the greeting and the farewell", all, err)
+	}
+	if info := closedInfo(t, closed); info.Reason != ReasonClientClosed {
+		t.Fatalf("reason %s, want client_closed", info.Reason)
+	}
+}

@@ -121,10 +121,11 @@ type Handler struct {
 
 	// AcceptProxyProtocol, if set, reads a PROXY protocol header (v1 or v2)
 	// from the previous hop. Peers in its allow list are trusted and must
-	// send one; a malformed or slow header from them closes the connection
-	// before any dial (close reason proxy_protocol_rejected). Any other peer
-	// is a direct client, dialed at once; a PROXY header it sends is refused
-	// the same way, and none of it reaches the upstream.
+	// send one (unless its policy is optional); a malformed or slow header
+	// from them closes the connection before any dial (close reason
+	// proxy_protocol_rejected). Any other peer is a direct client, dialed
+	// at once; a PROXY header it sends is refused the same way, and none of
+	// it reaches the upstream.
 	AcceptProxyProtocol *AcceptProxyProtocol `json:"accept_proxy_protocol,omitempty"`
 
 	// MaxHops closes a connection whose incoming hop count (from a PROXY v2

@@ -204,6 +204,12 @@ func (h ProxyHeader) AppendTo(dst []byte) ([]byte, error) {
 	if err != nil {
 		return dst, fmt.Errorf("proxy protocol: %w", err)
 	}
+	if h.Version == 2 && len(b)-v2FixedLen > int(proxyproto.MaxV2HeaderSize) {
+		// Receivers, this one included, refuse a longer header: refuse to
+		// send it rather than have the next hop reject the connection.
+		return dst, fmt.Errorf("proxy protocol: the header would carry %d bytes after its fixed part, more than receivers accept (%d); a long authority or forwarded TLVs make it so",
+			len(b)-v2FixedLen, proxyproto.MaxV2HeaderSize)
+	}
 	if h.Version == 2 && h.CRC32C {
 		// The spec's checksum covers the whole header with its own value
 		// zeroed, which is how it was formatted.

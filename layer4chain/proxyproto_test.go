@@ -824,3 +824,17 @@ func BenchmarkAppendToV2(b *testing.B) {
 		}
 	}
 }
+
+// TestAppendToRefusesAHeaderNoReceiverAccepts: go-proxyproto and our own
+// acceptor refuse a v2 header longer than proxyproto.MaxV2HeaderSize, so
+// sending one would only get the connection rejected at the next hop.
+func TestAppendToRefusesAHeaderNoReceiverAccepts(t *testing.T) {
+	src := netip.MustParseAddrPort("1.2.3.4:5")
+	if _, err := (ProxyHeader{Version: 2, Source: src, Authority: strings.Repeat("a", 4000)}).AppendTo(nil); err != nil {
+		t.Fatalf("a 4000-byte authority: %v", err)
+	}
+	_, err := ProxyHeader{Version: 2, Source: src, Authority: strings.Repeat("a", 4100)}.AppendTo(nil)
+	if err == nil || !strings.Contains(err.Error(), "more than receivers accept") {
+		t.Fatalf("a 4100-byte authority: %v", err)
+	}
+}

@@ -126,7 +126,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	if o.chainID == "" {
 		o.chainID = newChainID()
 	}
-	if meta.SNI != "" {
+	if meta.SNI != "" && !o.viaHop {
 		o.authority = meta.SNI
 	}
 	r.mu.Lock()
@@ -230,7 +230,8 @@ type origin struct {
 	hops      int                  // hops before this one
 	authority string               // the TLS server name, if known
 	tlvs      []proxyproto.TLV     // received TLVs listed in ForwardTLVs
-	session   *tls.ConnectionState // terminated before this hop's handler
+	session   *tls.ConnectionState // the client's TLS session, if this hop terminated it
+	viaHop    bool                 // a trusted hop's header told the origin
 }
 
 // readOrigin reads the PROXY header, if this hop accepts them, and returns
@@ -288,6 +289,10 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 	if !info.Local && info.Source.IsValid() {
 		o.client, o.dest = info.Source, info.Destination
 	}
+	// The connection came through a hop: a TLS session this hop
+	// terminated is the link from that hop, not the client's, and its
+	// server name is the link's. Only the header speaks for the client.
+	o.viaHop, o.session = true, nil
 	o.chainID, o.hops, o.authority = info.ChainID, info.Hops, info.Authority
 	for _, t := range info.TLVs {
 		if slices.Contains(p.ForwardTLVs, byte(t.Type)) {

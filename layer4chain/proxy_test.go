@@ -2,6 +2,7 @@ package layer4chain
 
 import (
 	"bytes"
+	"crypto/tls"
 	"io"
 	"net"
 	"net/netip"
@@ -9,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
@@ -280,4 +283,56 @@ func loopHeader(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestBehindATrustedHopTheLinksTLSSessionIsNotTheClients: a hop that
+// terminated TLS from a previous hop (the link) and read that hop's header
+// passes on the header's authority and describes no TLS session: the
+// link's server name and its client certificate are not the client's.
+func TestBehindATrustedHopTheLinksTLSSessionIsNotTheClients(t *testing.T) {
+	infos := make(chan *ProxyInfo, 1)
+	acceptor := &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		info, _, err := acceptor.Accept(c, netip.MustParseAddr("127.0.0.1"))
+		if err == nil {
+			infos <- info
+		}
+	})
+	p := &Proxy{Tracker: NewTracker(), Balancer: balancerFor(t, backend.Addr), EmitVersion: 2,
+		Dialer: &Dialer{ConnectTimeout: time.Second}, ForwardTLVs: []byte{0x01, 0x20},
+		Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan CloseReason, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		link := &tls.ConnectionState{Version: tls.VersionTLS13, CipherSuite: tls.TLS_AES_128_GCM_SHA256,
+			NegotiatedProtocol: "h2", HandshakeComplete: true, ServerName: "inner.chain.test"}
+		done <- p.Serve(c, nil, ClientMeta{Server: ln.Addr().String(), SNI: "inner.chain.test", TLS: link})
+	}()
+	hdr, err := ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("192.0.2.7:4000"),
+		Destination: netip.MustParseAddrPort("192.0.2.1:443"), Authority: "client.example", Hops: 1}.AppendTo(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := chaintest.Dial(t, ln.Addr().String())
+	c.Write(hdr)
+	info := <-infos
+	if info.Authority != "client.example" {
+		t.Fatalf("authority %q reached the next hop, want the client's from the header", info.Authority)
+	}
+	for _, tlv := range info.TLVs {
+		if tlv.Type == proxyproto.PP2_TYPE_SSL || tlv.Type == proxyproto.PP2_TYPE_ALPN {
+			t.Fatalf("the link's TLS session was described to the next hop as the client's: TLV %#x", tlv.Type)
+		}
+	}
+	c.Close()
+	<-done
 }

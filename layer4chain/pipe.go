@@ -406,6 +406,9 @@ func (d *direction) readFailed(err error) {
 		d.p.fail(ReasonNone, false)
 		return
 	}
+	// The error says what the reason cannot: a reset, or a TLS alert such
+	// as a next hop refusing this hop's client certificate.
+	d.p.r.setDetail(err)
 	d.p.fail(d.srcReset, true)
 }
 
@@ -417,6 +420,7 @@ func (d *direction) writeFailed(err error) {
 	case errors.Is(err, net.ErrClosed):
 		d.p.fail(ReasonNone, false)
 	default:
+		d.p.r.setDetail(err)
 		d.p.fail(d.dstReset, true)
 	}
 }

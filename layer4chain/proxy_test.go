@@ -336,3 +336,22 @@ func TestBehindATrustedHopTheLinksTLSSessionIsNotTheClients(t *testing.T) {
 	c.Close()
 	<-done
 }
+
+func TestAnUpstreamResetSaysWhyInTheDetail(t *testing.T) {
+	closed := closedRecords{make(chan RecordInfo, 1)}
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		c.Read(make([]byte, 1))
+		c.SetLinger(0)
+		c.Close()
+	})
+	p := &Proxy{Balancer: balancerFor(t, backend.Addr)}
+	p.Tracker = NewTracker()
+	p.Tracker.Observer = closed
+	h := startHop(t, p, nil)
+	c := chaintest.Dial(t, h.Addr)
+	io.WriteString(c, "x")
+	info := <-closed.infos
+	if info.Reason != ReasonUpstreamReset || !strings.Contains(info.Detail, "reset") {
+		t.Fatalf("closed with %s (%q), want upstream_reset with the error in the detail", info.Reason, info.Detail)
+	}
+}

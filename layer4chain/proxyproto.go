@@ -356,7 +356,7 @@ func (e *ProxyRejectError) Unwrap() error { return e.Err }
 
 // Causes used when there is no underlying error to report.
 var (
-	errUntrustedHeader = errors.New("PROXY signature from a peer outside the allow list")
+	errUntrustedHeader = errors.New("PROXY signature from a peer that is neither in allow nor presents a verified certificate named in allow_certificates")
 	errNoHeader        = errors.New("trusted peer sent data that is not a PROXY header")
 	errV1TooLong       = errors.New("v1 header has no line end within 107 bytes")
 	errV2TooLong       = errors.New("v2 header length exceeds proxyproto.MaxV2HeaderSize")

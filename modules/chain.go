@@ -561,7 +561,14 @@ func (h *Handler) check() error {
 	}
 	if app := h.AcceptProxyProtocol; app != nil {
 		if len(app.Allow) == 0 && len(app.AllowCertificates) == 0 {
-			return fmt.Errorf("accept_proxy_protocol.allow: empty, so no peer is trusted and every PROXY header would be rejected; list the previous hops' IPs or CIDRs (e.g. \"10.0.0.0/8\"), or leave accept_proxy_protocol out")
+			return fmt.Errorf("accept_proxy_protocol.allow: empty, so no peer is trusted and every PROXY header would be rejected; list the previous hops' IPs or CIDRs (e.g. \"10.0.0.0/8\") or their certificate names in allow_certificates, or leave accept_proxy_protocol out")
+		}
+		for i, name := range app.AllowCertificates {
+			// Names are compared literally: a pattern would match only a
+			// certificate that carries the pattern itself.
+			if name == "" || strings.ContainsAny(name, "*? ") {
+				return fmt.Errorf("accept_proxy_protocol.allow_certificates[%d]: %q is not a certificate name; list each previous hop's exact CN or DNS SAN (patterns are not supported)", i, name)
+			}
 		}
 		if err := checkDuration("accept_proxy_protocol.timeout", app.Timeout, whyAcceptTimeoutOn); err != nil {
 			return err

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -151,6 +152,8 @@ type Handler struct {
 	dials []string
 	// acquired are the addresses whose pool references Cleanup gives back.
 	acquired []string
+	// noTLSWarning says once that allow_certificates cannot match.
+	noTLSWarning sync.Once
 }
 
 // Upstream is one address to proxy to.
@@ -702,6 +705,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		meta.TLS = states[0]
 	}
 	meta.Socket = clientSocket(cx)
+	if meta.TLS == nil && h.AcceptProxyProtocol != nil && len(h.AcceptProxyProtocol.AllowCertificates) > 0 {
+		h.noTLSWarning.Do(func() {
+			logger().Warn("accept_proxy_protocol.allow_certificates trusts nobody here: no tls handler terminated TLS before chain, so no peer has a verified certificate; put caddy-l4's tls handler with client_auth before chain in the route",
+				zap.String("server", meta.Server))
+		})
+	}
 	h.proxy.Serve(cx.Conn, pending, meta)
 	// The outcome is in the tracker, its metrics and the access log;
 	// returning an error would only add a duplicate line from caddy-l4.

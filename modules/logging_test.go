@@ -235,3 +235,33 @@ func checkArrivalsBalance(reg *prometheus.Registry) error {
 	}
 	return nil
 }
+
+// TestAllowCertificatesWithoutTLSWarnsOnce: a handler that can only trust
+// by certificate, with no tls handler before it, says so (once) instead of
+// silently trusting nobody.
+func TestAllowCertificatesWithoutTLSWarnsOnce(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "chain.log")
+	backend := chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	servers := map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr),
+		"accept_proxy_protocol": map[string]any{"allow_certificates": []string{"outer.chain.test"}}})}
+	if err := caddy.Load(configLoggingTo(t, file, servers, nil), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Load(caddyConfig(map[string]any{}), true); err != nil {
+			t.Error(err)
+		}
+		_ = caddy.Stop()
+	})
+	for i := 0; i < 2; i++ {
+		c := chaintest.Dial(t, addr)
+		roundTrip(t, c, "direct client")
+		c.Close()
+	}
+	waitEmpty(t)
+	const msg = "accept_proxy_protocol.allow_certificates trusts nobody here: no tls handler terminated TLS before chain, so no peer has a verified certificate; put caddy-l4's tls handler with client_auth before chain in the route"
+	if lines := waitLogLines(t, file, msg, 1); len(lines) != 1 {
+		t.Fatalf("%d warnings about allow_certificates without TLS, want exactly 1", len(lines))
+	}
+}

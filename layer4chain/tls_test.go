@@ -55,47 +55,14 @@ func tlsBackend(t testing.TB, cfg *tls.Config, handle func(*tls.Conn)) string {
 // session and the socket under it.
 func startTLSHop(t testing.TB, p *Proxy, cfg *tls.Config) *hop {
 	t.Helper()
-	if p.Tracker == nil {
-		p.Tracker = NewTracker()
-	}
-	if p.Dialer == nil {
-		p.Dialer = &Dialer{ConnectTimeout: time.Second}
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := &hop{Addr: ln.Addr().String(), Tracker: p.Tracker, reasons: make(chan CloseReason, 1024)}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				tc := tls.Server(c, cfg)
-				if err := tc.Handshake(); err != nil {
-					return
-				}
-				state := tc.ConnectionState()
-				h.reasons <- p.Serve(tc, nil, ClientMeta{Server: h.Addr, TLS: &state, Socket: c.(*net.TCPConn)})
-			}()
+	return startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
+		tc := tls.Server(c, cfg)
+		if err := tc.Handshake(); err != nil {
+			return ReasonNone, false
 		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		if n := p.Tracker.Len(); n != 0 {
-			t.Errorf("records left: %d", n)
-		}
+		state := tc.ConnectionState()
+		return p.Serve(tc, nil, ClientMeta{Server: h.Addr, TLS: &state, Socket: c.(*net.TCPConn)}), true
 	})
-	return h
 }
 
 // tapRelay forwards TCP connections to target and records every byte sent

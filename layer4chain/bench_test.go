@@ -108,8 +108,12 @@ func BenchmarkConnectionsPerSecond(b *testing.B) {
 		{"chain", func(b *testing.B, upstream string) string {
 			return startHop(b, &Proxy{Balancer: balancerFor(b, upstream)}, nil).Addr
 		}},
+		{"chain_detached", func(b *testing.B, upstream string) string {
+			return startDetachedHop(b, &Proxy{Balancer: balancerFor(b, upstream)}).Addr
+		}},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
+			b.ReportAllocs()
 			addr := tc.hop(b, chaintest.NewEchoBackend(b).Addr)
 			msg := []byte("ping")
 			got := make([]byte, 4)
@@ -170,16 +174,28 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 			stack: float64(int64(after.StackInuse)-int64(before.StackInuse)) / n,
 		}
 	}
-	for i := 0; i < b.N; i++ {
-		backend := chaintest.NewEchoBackend(b)
-		measure(b, backend.Addr, backend) // warm up pools and the runtime's free lists
-		direct := measure(b, backend.Addr, backend)
-		tr := NewTracker()
-		h := startHop(b, &Proxy{Tracker: tr, Balancer: balancerFor(b, backend.Addr)}, nil)
-		proxied := measure(b, h.Addr, backend)
-		<-tr.Empty()
-		b.ReportMetric(proxied.heap-direct.heap, "heap-B/idle-conn")
-		b.ReportMetric(proxied.stack-direct.stack, "stack-B/idle-conn")
+	for _, tc := range []struct {
+		name string
+		hop  func(b *testing.B, p *Proxy) *hop
+	}{
+		{"serve", func(b *testing.B, p *Proxy) *hop { return startHop(b, p, nil) }},
+		{"detached", func(b *testing.B, p *Proxy) *hop { return startDetachedHop(b, p) }},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				backend := chaintest.NewEchoBackend(b)
+				measure(b, backend.Addr, backend) // warm up pools and the runtime's free lists
+				direct := measure(b, backend.Addr, backend)
+				tr := NewTracker()
+				h := tc.hop(b, &Proxy{Tracker: tr, Balancer: balancerFor(b, backend.Addr)})
+				measure(b, h.Addr, backend) // the proxy's own pools and free lists
+				<-tr.Empty()
+				proxied := measure(b, h.Addr, backend)
+				<-tr.Empty()
+				b.ReportMetric(proxied.heap-direct.heap, "heap-B/idle-conn")
+				b.ReportMetric(proxied.stack-direct.stack, "stack-B/idle-conn")
+			}
+		})
 	}
 }
 

@@ -37,9 +37,9 @@ func putBuf(b *[]byte) { bufPool.Put(b) }
 // closeWriter is a connection whose write side can be closed on its own.
 type closeWriter interface{ CloseWrite() error }
 
-// pipe copies the two directions of one established connection. The
-// goroutine running runPipe owns it; it starts one more goroutine for the
-// downstream direction and waits for it before returning.
+// pipe copies the two directions of one established connection, either
+// with the owner's goroutine waiting for the end (run) or on two goroutines
+// of its own (start).
 type pipe struct {
 	r        *Record
 	t        Timeouts
@@ -48,7 +48,7 @@ type pipe struct {
 	// The TCP sockets under client and upstream (the same connections
 	// unless TLS wraps them), for linger and the FIN after close_notify;
 	// nil where unknown.
-	clientTCP, upstreamTCP *net.TCPConn
+	clientTCP, upstreamTCP tcpSocket
 
 	up   direction // client → upstream
 	down direction // upstream → client
@@ -56,14 +56,18 @@ type pipe struct {
 	finished    atomic.Int32 // directions that ended with EOF
 	firstClosed CloseReason  // who ended first, for a graceful close
 	closeOnce   sync.Once
-	wg          sync.WaitGroup
+	wg          sync.WaitGroup // run: the downstream goroutine
+
+	// start: directions still copying, and what the last one calls.
+	running atomic.Int32
+	end     func(CloseReason)
 }
 
 // direction is one way through the pipe: it reads src and writes dst.
 type direction struct {
 	p        *pipe
 	src, dst net.Conn
-	dstTCP   *net.TCPConn // the socket under dst, nil where unknown
+	dstTCP   tcpSocket // the socket under dst, nil where unknown
 	bytes    *atomic.Int64
 
 	closed   CloseReason // src sent EOF
@@ -88,17 +92,16 @@ type direction struct {
 	screen *screen
 }
 
-// runPipe copies both directions until both have ended or one failed or a
-// limit was hit, and returns why the connection ended. It does not close the
-// sockets on a graceful end; the caller owns them.
+// newPipe makes the pipe of an established connection. It does not close
+// the sockets on a graceful end; the caller owns them.
 //
 // sc, when not nil, screens the client's first bytes for a PROXY header.
 // The screening is the first phase of the client → upstream direction, so
 // the upstream may speak first while it lasts. clientTCP, when not nil, is
 // the TCP socket under a wrapped client (TLS terminated before this hop).
-func runPipe(r *Record, client net.Conn, clientTCP *net.TCPConn, upstream net.Conn, t Timeouts, sc *screen) CloseReason {
+func newPipe(r *Record, client net.Conn, clientTCP tcpSocket, upstream net.Conn, t Timeouts, sc *screen) *pipe {
 	p := &pipe{r: r, t: t, client: client, upstream: upstream,
-		clientTCP: tcpOf(client, clientTCP), upstreamTCP: tcpOf(upstream, nil)}
+		clientTCP: clientTCP, upstreamTCP: tcpOf(upstream, nil)}
 	p.up = direction{p: p, src: client, dst: upstream, dstTCP: p.upstreamTCP, bytes: &r.bytesUp,
 		closed: ReasonClientClosed, srcReset: ReasonClientReset, dstReset: ReasonUpstreamReset,
 		screen: sc}
@@ -109,7 +112,13 @@ func runPipe(r *Record, client net.Conn, clientTCP *net.TCPConn, upstream net.Co
 	p.down.init(upstreamRaw)
 	p.up.armRead()
 	p.down.armRead()
+	return p
+}
 
+// run copies both directions until both have ended or one failed or a
+// limit was hit, and returns why the connection ended. The calling
+// goroutine copies client → upstream; one more copies the other way.
+func (p *pipe) run() CloseReason {
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -117,8 +126,30 @@ func runPipe(r *Record, client net.Conn, clientTCP *net.TCPConn, upstream net.Co
 	}()
 	p.up.copy()
 	p.wg.Wait()
+	return p.reason()
+}
 
-	if reason := r.Reason(); reason != ReasonNone {
+// start copies both directions on two new goroutines and returns at once;
+// the one that finishes last calls end with why the connection ended.
+func (p *pipe) start(end func(CloseReason)) {
+	p.running.Store(2)
+	p.end = end
+	go p.up.copyAndEnd()
+	go p.down.copyAndEnd()
+}
+
+// copyAndEnd is a detached direction's goroutine: kept to the copy loop, so
+// its stack stays the smallest the runtime gives while it waits.
+func (d *direction) copyAndEnd() {
+	d.copy()
+	if d.p.running.Add(-1) == 0 {
+		d.p.end(d.p.reason())
+	}
+}
+
+// reason is why the connection ended, once both directions are done.
+func (p *pipe) reason() CloseReason {
+	if reason := p.r.Reason(); reason != ReasonNone {
 		return reason
 	}
 	return p.firstClosed
@@ -132,7 +163,7 @@ func (p *pipe) fail(reason CloseReason, reset bool) {
 	p.r.setReason(reason)
 	p.closeOnce.Do(func() {
 		if reset {
-			for _, tc := range []*net.TCPConn{p.clientTCP, p.upstreamTCP} {
+			for _, tc := range []tcpSocket{p.clientTCP, p.upstreamTCP} {
 				if tc != nil {
 					_ = tc.SetLinger(0)
 				}
@@ -185,7 +216,7 @@ func (p *pipe) expired(now time.Time) (CloseReason, bool) {
 // keeps it.
 func (d *direction) init(raw syscall.RawConn) {
 	switch c := d.src.(type) {
-	case *net.TCPConn:
+	case tcpSocket:
 		if rawReadSupported && raw != nil {
 			d.raw = raw
 			d.readFn = d.readFd

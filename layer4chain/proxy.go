@@ -80,29 +80,105 @@ type ClientMeta struct {
 // graceful end that close delivers the client's final FIN), but Serve may
 // close it earlier to end the connection.
 func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason CloseReason) {
-	r, err := p.Tracker.Admit(p.Scope, p.Limits, meta.Server, addrPortOf(client.RemoteAddr()))
-	if err != nil {
-		// Admit counted and reported the refusal.
-		if errors.Is(err, ErrShuttingDown) {
-			return ReasonShutdown
-		}
-		return ReasonLimitExceeded
+	r, reason := p.admit(client, meta)
+	if r == nil {
+		return reason
 	}
 	defer func() {
 		p.Tracker.Remove(r, reason)
 		reason = r.Reason()
 	}()
-	return p.serve(r, client, pending, meta)
+	s, reason := p.serve(r, client, pending, meta)
+	if s == nil {
+		return reason
+	}
+	defer s.release()
+	return s.pipe.run()
 }
 
-func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMeta) CloseReason {
+// ServeDetached is Serve for a caller whose goroutine should not live as
+// long as the connection: it returns as soon as the connection is
+// established (or has ended before that), and the established connection
+// goes on on two goroutines of its own, one per direction, each no deeper
+// than the copy loop. An idle connection then holds no more than those two
+// small stacks, its record and its sockets; whatever the caller's goroutine
+// held is freed. ServeDetached owns client: it closes it when the
+// connection ends, so the caller must hand over a socket nobody else
+// closes (see TakeOver).
+func (p *Proxy) ServeDetached(client net.Conn, pending []byte, meta ClientMeta) {
+	r, _ := p.admit(client, meta)
+	if r == nil {
+		_ = client.Close()
+		return
+	}
+	s, reason := p.serve(r, client, pending, meta)
+	if s == nil {
+		r.markShut(shutClient)
+		_ = client.Close()
+		p.Tracker.Remove(r, reason)
+		return
+	}
+	s.ownsClient = true
+	s.pipe.start(func(reason CloseReason) {
+		s.release()
+		p.Tracker.Remove(r, reason)
+	})
+}
+
+// admit creates the record of a new connection, or returns nil and why
+// the tracker refused it (counted and reported there).
+func (p *Proxy) admit(client net.Conn, meta ClientMeta) (*Record, CloseReason) {
+	r, err := p.Tracker.Admit(p.Scope, p.Limits, meta.Server, addrPortOf(client.RemoteAddr()))
+	switch {
+	case err == nil:
+		return r, ReasonNone
+	case errors.Is(err, ErrShuttingDown):
+		return nil, ReasonShutdown
+	}
+	return nil, ReasonLimitExceeded
+}
+
+// session is an established connection: its pipe, and what its end
+// releases besides the record.
+type session struct {
+	r          *Record
+	pipe       *pipe
+	client     net.Conn
+	upConn     net.Conn
+	up         *Upstream
+	ownsClient bool // the client socket is closed here too (ServeDetached)
+}
+
+// release closes what the session owns and gives its upstream slot back.
+func (s *session) release() {
+	shut := uint32(shutUpstream)
+	if s.ownsClient {
+		shut |= shutClient
+	}
+	s.r.markShut(shut)
+	_ = s.upConn.Close()
+	if s.ownsClient {
+		_ = s.client.Close()
+	}
+	s.up.Release() // the dial counted the connection as up's
+}
+
+// serve takes an admitted connection from its PROXY header to an
+// established pipe. It returns the session, or nil and why the connection
+// ended before that (having released what it took).
+func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMeta) (*session, CloseReason) {
 	// max_lifetime counts from admission: it bounds the connect phase too.
 	ctx, cancel := context.WithCancel(context.Background())
 	if lim := p.Timeouts.MaxLifetime; lim > 0 {
 		ctx, cancel = context.WithDeadline(context.Background(), r.Started.Add(lim))
 		r.lifetimeEnd.Store(r.Started.Add(lim).UnixNano())
 	}
-	defer cancel()
+	established := false
+	defer func() {
+		if !established {
+			cancel()
+		}
+	}()
 	r.connectBy.Store(r.Started.Add(p.connectPhase()).UnixNano())
 	r.setInterrupt(func() {
 		cancel()
@@ -112,7 +188,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 
 	o, pending, sc, reason := p.readOrigin(r, client, pending, meta.TLS)
 	if reason != ReasonNone {
-		return reason
+		return nil, reason
 	}
 	if maxHops := p.maxHops(); o.hops >= maxHops {
 		// The rejected header's chain ID and client are what an operator
@@ -121,7 +197,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		r.chainID, r.hop, r.originalClient = o.chainID, o.hops+1, o.client
 		r.mu.Unlock()
 		r.setDetail(fmt.Errorf("%d hops before this one, max_hops is %d", o.hops, maxHops))
-		return ReasonLoopDetected
+		return nil, ReasonLoopDetected
 	}
 	if o.chainID == "" {
 		o.chainID = newChainID()
@@ -134,16 +210,16 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.mu.Unlock()
 	if err := p.Tracker.admitClient(r, p.Limits.MaxConnectionsPerClient, o.client.Addr()); err != nil {
 		r.setDetail(err)
-		return ReasonLimitExceeded
+		return nil, ReasonLimitExceeded
 	}
 
 	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr())
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return ReasonMaxLifetime
+			return nil, ReasonMaxLifetime
 		}
 		if errors.Is(err, errClientGone) {
-			return ReasonClientClosed
+			return nil, ReasonClientClosed
 		}
 		r.setDetail(err)
 		var de *DialError
@@ -151,29 +227,30 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 			r.mu.Lock()
 			r.upstream = de.Upstream // the last one tried, if any
 			r.mu.Unlock()
-			return de.Reason
+			return nil, de.Reason
 		}
-		return ReasonConnectFailed
+		return nil, ReasonConnectFailed
 	}
-	defer func() {
-		r.markShut(shutUpstream)
-		_ = upConn.Close()
-	}()
-	defer up.Release() // the dial counted the connection as up's
+	// The context bounded the dials; from here the sockets' deadlines and
+	// the interrupt do. Released now, it holds nothing for the
+	// connection's life (a dial's child context leaves a map in it).
+	established = true
+	cancel()
+	s := &session{r: r, client: client, upConn: upConn, up: up}
 	r.mu.Lock()
 	r.upstream = up.Addr
 	r.mu.Unlock()
 	clientTCP := tcpOf(client, meta.Socket)
 	r.setSockets(clientTCP, tcpOf(upConn, nil))
 	r.setInterrupt(func() {
-		cancel()
 		r.markShut(shutClient | shutUpstream)
 		_ = client.Close()
 		_ = upConn.Close()
 	})
 
 	if reason := p.writeFirst(r, upConn, o, pending); reason != ReasonNone {
-		return reason
+		s.release()
+		return nil, reason
 	}
 
 	r.setLimits(p.Timeouts)
@@ -181,7 +258,8 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.established.Store(now.UnixNano())
 	r.touch(now)
 	r.setState(StateEstablished)
-	return runPipe(r, client, clientTCP, upConn, p.Timeouts, sc)
+	s.pipe = newPipe(r, client, clientTCP, upConn, p.Timeouts, sc)
+	return s, ReasonNone
 }
 
 // dialUpstream dials the upstreams in the balancer's order for client. With

@@ -31,6 +31,33 @@ func startHop(t testing.TB, p *Proxy, pending []byte) *hop {
 	})
 }
 
+// startDetachedHop is startHop serving as the Caddy module does: each
+// client socket is taken over and served detached, so the accept loop's
+// goroutine returns (and closes its descriptor) once the connection is
+// established. Reasons are not reported; the tracker's are.
+func startDetachedHop(t testing.TB, p *Proxy) *hop {
+	t.Helper()
+	h := startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
+		own, err := TakeOver(c.(*net.TCPConn))
+		if err != nil {
+			t.Errorf("take over: %v", err)
+			return ReasonNone, false
+		}
+		p.ServeDetached(own, nil, ClientMeta{Server: h.Addr})
+		return ReasonNone, false
+	})
+	// Registered after startHopServing's, so it runs first: detached
+	// connections end on goroutines of their own.
+	t.Cleanup(func() {
+		select {
+		case <-p.Tracker.Empty():
+		case <-time.After(5 * time.Second):
+			t.Errorf("detached connections still open: %d", p.Tracker.Len())
+		}
+	})
+	return h
+}
+
 // startHopServing runs an accept loop for p on a free loopback port; serve
 // handles each accepted connection and reports its reason, if it served
 // one. The hop checks, when the test ends, that no record outlived it.

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"reflect"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -86,16 +87,25 @@ func (d *direction) readTLS() (*[]byte, int, error) {
 	return b, 1 + m, err
 }
 
+// tcpSocket is what the pipe needs of a TCP socket: a *net.TCPConn, or a
+// socket taken over from its server (TakeOver).
+type tcpSocket interface {
+	net.Conn
+	syscall.Conn
+	CloseWrite() error
+	SetLinger(sec int) error
+}
+
 // tcpOf returns the TCP socket under c: c itself, or the socket under a
 // TLS connection; hint, when not nil, is the caller's knowledge of it (a
 // wrapper this package cannot see through).
-func tcpOf(c net.Conn, hint *net.TCPConn) *net.TCPConn {
+func tcpOf(c net.Conn, hint *net.TCPConn) tcpSocket {
 	if hint != nil {
 		return hint
 	}
 	for range 8 {
 		switch x := c.(type) {
-		case *net.TCPConn:
+		case tcpSocket:
 			return x
 		case interface{ NetConn() net.Conn }:
 			c = x.NetConn()
@@ -109,7 +119,7 @@ func tcpOf(c net.Conn, hint *net.TCPConn) *net.TCPConn {
 // closeWrite ends c's write side. Over TLS that is a close_notify alert
 // (the peer reads EOF) followed by the TCP socket's FIN, so a peer that
 // watches the socket sees the half-close too.
-func closeWrite(c net.Conn, sock *net.TCPConn) error {
+func closeWrite(c net.Conn, sock tcpSocket) error {
 	tc, ok := c.(*tls.Conn)
 	if !ok {
 		return c.(closeWriter).CloseWrite()

@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -711,9 +712,19 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 				zap.String("server", meta.Server))
 		})
 	}
-	h.proxy.Serve(cx.Conn, pending, meta)
 	// The outcome is in the tracker, its metrics and the access log;
 	// returning an error would only add a duplicate line from caddy-l4.
+	if tc, ok := cx.Conn.(*net.TCPConn); ok {
+		// A plain socket is taken over, so that caddy-l4's goroutine (the
+		// deepest stack of the connection), its prefetch buffer and its
+		// wrapper end once the connection is established: an idle
+		// connection then costs two small stacks of ours and its sockets.
+		if own, err := layer4chain.TakeOver(tc); err == nil {
+			h.proxy.ServeDetached(own, pending, meta)
+			return nil
+		}
+	}
+	h.proxy.Serve(cx.Conn, pending, meta)
 	return nil
 }
 

@@ -78,11 +78,15 @@ func (c *takenConn) Close() error {
 	return c.opError("close", c.f.Close())
 }
 
-func (c *takenConn) LocalAddr() net.Addr                { return c.laddr }
-func (c *takenConn) RemoteAddr() net.Addr               { return c.raddr }
-func (c *takenConn) SetDeadline(t time.Time) error      { return c.opError("set", c.f.SetDeadline(t)) }
-func (c *takenConn) SetReadDeadline(t time.Time) error  { return c.opError("set", c.f.SetReadDeadline(t)) }
-func (c *takenConn) SetWriteDeadline(t time.Time) error { return c.opError("set", c.f.SetWriteDeadline(t)) }
+func (c *takenConn) LocalAddr() net.Addr           { return c.laddr }
+func (c *takenConn) RemoteAddr() net.Addr          { return c.raddr }
+func (c *takenConn) SetDeadline(t time.Time) error { return c.opError("set", c.f.SetDeadline(t)) }
+func (c *takenConn) SetReadDeadline(t time.Time) error {
+	return c.opError("set", c.f.SetReadDeadline(t))
+}
+func (c *takenConn) SetWriteDeadline(t time.Time) error {
+	return c.opError("set", c.f.SetWriteDeadline(t))
+}
 
 // SyscallConn returns the socket's RawConn, whose errors read as a
 // net.Conn's.
@@ -132,7 +136,9 @@ func (c *takenConn) opError(op string, err error) error {
 // takenRaw is a takenConn's RawConn.
 type takenRaw struct{ c *takenConn }
 
-func (r takenRaw) Control(f func(fd uintptr)) error { return r.c.opError("raw-control", r.c.raw.Control(f)) }
+func (r takenRaw) Control(f func(fd uintptr)) error {
+	return r.c.opError("raw-control", r.c.raw.Control(f))
+}
 func (r takenRaw) Read(f func(fd uintptr) bool) error {
 	return r.c.opError("read", r.c.raw.Read(f))
 }

@@ -204,7 +204,7 @@ func metricValue(text, name string, want map[string]string) (float64, bool) {
 // logEntry is a line of the hop's JSON log that these tests read.
 type logEntry struct {
 	Msg         string `json:"msg"`
-	Reason      string `json:"reason"`
+	Reason      string `json:"close_reason"`
 	Upstream    string `json:"upstream"`
 	From        string `json:"from"`
 	To          string `json:"to"`
@@ -228,7 +228,7 @@ func logEntries(p *process, msg string) []logEntry {
 	return out
 }
 
-// closedWith counts the access-log lines with reason.
+// closedWith counts the access-log lines with close_reason reason.
 func closedWith(p *process, reason string) int {
 	n := 0
 	for _, e := range logEntries(p, "connection closed") {

@@ -71,7 +71,7 @@ func TestShutdownDrainsThenClosesWithReasonShutdown(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("caddy did not exit after the drain")
 	}
-	if log := p.output.String(); !strings.Contains(log, `"reason":"shutdown"`) {
+	if log := p.output.String(); !strings.Contains(log, `"close_reason":"shutdown"`) {
 		t.Fatalf("no access-log line with reason shutdown:\n%s", log)
 	}
 }

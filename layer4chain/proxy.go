@@ -167,6 +167,7 @@ func (s *session) release() {
 // established pipe. It returns the session, or nil and why the connection
 // ended before that (having released what it took).
 func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMeta) (*session, CloseReason) {
+	r.setSNI(meta.SNI) // a header from a previous hop replaces it (readOrigin)
 	// max_lifetime counts from admission: it bounds the connect phase too.
 	ctx, cancel := context.WithCancel(context.Background())
 	if lim := p.Timeouts.MaxLifetime; lim > 0 {
@@ -372,6 +373,7 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 	// server name is the link's. Only the header speaks for the client.
 	o.viaHop, o.session = true, nil
 	o.chainID, o.hops, o.authority = info.ChainID, info.Hops, info.Authority
+	r.setSNI(info.Authority)
 	for _, t := range info.TLVs {
 		if slices.Contains(p.ForwardTLVs, byte(t.Type)) {
 			o.tlvs = append(o.tlvs, t)

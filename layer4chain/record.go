@@ -47,6 +47,7 @@ type Record struct {
 	chainID        string
 	hop            int
 	originalClient netip.AddrPort
+	sni            string     // the TLS server name the client asked for, if known
 	perClient      netip.Addr // the key counted against max_connections_per_client
 	upstream       string
 	reason         CloseReason
@@ -186,6 +187,10 @@ type RecordInfo struct {
 	// Detail says more than the reason where there is more to say: the
 	// dial error, or why a PROXY header was rejected.
 	Detail string `json:"close_detail,omitempty"`
+	// SNI is the TLS server name the client asked for, where it is known:
+	// found by a tls matcher at the first hop, and carried to the next
+	// hops in the PROXY v2 header's authority.
+	SNI string `json:"sni,omitempty"`
 	// FailedDials lists the connection's failed dial attempts, in order,
 	// including those it failed over from.
 	FailedDials []DialAttempt `json:"failed_dials,omitempty"`
@@ -219,11 +224,20 @@ func (r *Record) Info() RecordInfo {
 		info.OriginalClient = r.originalClient.String()
 	}
 	info.Upstream = r.upstream
+	info.SNI = r.sni
 	info.Reason = r.reason
 	info.Detail = r.detail
 	info.FailedDials = slices.Clone(r.failedDials)
 	r.mu.Unlock()
 	return info
+}
+
+// setSNI records the TLS server name the client asked for ("" for none
+// known).
+func (r *Record) setSNI(sni string) {
+	r.mu.Lock()
+	r.sni = sni
+	r.mu.Unlock()
 }
 
 // addFailedDial records a failed dial attempt of the connection.

@@ -74,9 +74,10 @@ var refusalLog = struct {
 }{limiter: rate.NewLimiter(refusalLogRate, refusalLogBurst)}
 
 // Refused writes a line for a connection refused at admission, naming the
-// limit that refused it.
+// limit that refused it, at its reason's level (closeLevel). Its fields
+// have the names of the admin API's.
 func (observer) Refused(server string, client netip.AddrPort, reason layer4chain.CloseReason, detail string) {
-	ce := logger().Check(zap.WarnLevel, "connection refused")
+	ce := logger().Check(closeLevel(reason), "connection refused")
 	if ce == nil {
 		return
 	}
@@ -87,8 +88,8 @@ func (observer) Refused(server string, client netip.AddrPort, reason layer4chain
 	fields := []zap.Field{
 		zap.String("server", server),
 		zap.String("client", client.String()),
-		zap.String("reason", string(reason)),
-		zap.String("detail", detail),
+		zap.String("close_reason", string(reason)),
+		zap.String("close_detail", detail),
 	}
 	if n := refusalLog.suppressed.Swap(0); n > 0 {
 		fields = append(fields, zap.Int64("suppressed", n))
@@ -104,10 +105,12 @@ func reportSuppressedRefusals() {
 	}
 }
 
-// StateChanged writes a debug line per state change.
+// StateChanged writes a debug line per state change, with the chain ID
+// that follows the connection across hops.
 func (observer) StateChanged(r *layer4chain.Record, from, to layer4chain.State) {
 	if ce := logger().Check(zap.DebugLevel, "state changed"); ce != nil {
-		ce.Write(zap.Uint64("id", r.ID), zap.String("from", from.String()), zap.String("to", to.String()))
+		ce.Write(zap.Uint64("id", r.ID), zap.String("chain_id", r.ChainID()), zap.String("server", r.Server),
+			zap.String("from", from.String()), zap.String("to", to.String()))
 	}
 }
 
@@ -137,11 +140,12 @@ func (observer) Swept(res layer4chain.SweepResult) {
 	}
 }
 
-// Closed writes the access-log line of a closed connection and observes its
-// duration.
+// Closed writes the access-log line of a closed connection, at its close
+// reason's level (closeLevel), and observes its duration. The fields it
+// shares with the admin API's connections have the admin API's names.
 func (observer) Closed(r *layer4chain.Record) {
 	metrics.connectionDuration.Observe(time.Since(r.Started).Seconds())
-	ce := logger().Check(zap.InfoLevel, "connection closed")
+	ce := logger().Check(closeLevel(r.Reason()), "connection closed")
 	if ce == nil {
 		return
 	}
@@ -157,10 +161,13 @@ func (observer) Closed(r *layer4chain.Record) {
 		zap.Duration("duration", time.Since(info.Started)),
 		zap.Int64("bytes_up", info.BytesUp),
 		zap.Int64("bytes_down", info.BytesDown),
-		zap.String("reason", string(info.Reason)),
+		zap.String("close_reason", string(info.Reason)),
 	}
 	if info.Detail != "" {
-		fields = append(fields, zap.String("detail", info.Detail))
+		fields = append(fields, zap.String("close_detail", info.Detail))
+	}
+	if info.SNI != "" {
+		fields = append(fields, zap.String("sni", info.SNI))
 	}
 	if len(info.FailedDials) > 0 {
 		fields = append(fields, zap.Array("failed_dials", failedDials(info.FailedDials)))

@@ -226,3 +226,12 @@ func loadAverage() string {
 	}
 	return "?"
 }
+
+// TestStatCPUTicksCountsFieldsAfterTheCommandName: a command name with
+// spaces and parentheses must not shift utime and stime.
+func TestStatCPUTicksCountsFieldsAfterTheCommandName(t *testing.T) {
+	stat := "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 900 0 0 0 1234 567 0 0 20 0 9 0 100 0 0\n"
+	if got := statCPUTicks(stat); got != 1234+567 {
+		t.Fatalf("statCPUTicks = %d, want %d", got, 1234+567)
+	}
+}

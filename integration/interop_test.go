@@ -44,6 +44,16 @@ func missingInterop(t *testing.T, format string, args ...any) {
 // user's PATH often lacks.
 func interopBinary(t *testing.T, name string) string {
 	t.Helper()
+	path := findProgram(name)
+	if path == "" {
+		missingInterop(t, "%s is not installed", name)
+	}
+	return path
+}
+
+// findProgram returns the path of a program on PATH or in the sbin
+// directories, or "" when it is not installed.
+func findProgram(name string) string {
 	if path, err := exec.LookPath(name); err == nil {
 		return path
 	}
@@ -53,7 +63,6 @@ func interopBinary(t *testing.T, name string) string {
 			return path
 		}
 	}
-	missingInterop(t, "%s is not installed", name)
 	return ""
 }
 
@@ -156,6 +165,16 @@ var streamModule struct {
 // prefix (-p), against which nginx would resolve the package's relative one.
 func nginxStreamModule(t *testing.T, bin string) string {
 	t.Helper()
+	line, err := nginxStreamLoadModule(bin)
+	if err != nil {
+		missingInterop(t, "%v", err)
+	}
+	return line
+}
+
+// nginxStreamLoadModule is nginxStreamModule for callers that do not skip:
+// the load_module line, or why nginx cannot run a stream block.
+func nginxStreamLoadModule(bin string) (string, error) {
 	streamModule.once.Do(func() {
 		out, err := exec.Command(bin, "-V").CombinedOutput()
 		if err != nil {
@@ -194,10 +213,7 @@ func nginxStreamModule(t *testing.T, bin string) string {
 		}
 		streamModule.line = "load_module " + module + ";"
 	})
-	if streamModule.err != nil {
-		missingInterop(t, "%v", streamModule.err)
-	}
-	return streamModule.line
+	return streamModule.line, streamModule.err
 }
 
 // startNginx runs nginx in the foreground, one process, with the given

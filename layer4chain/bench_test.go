@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
@@ -144,7 +145,7 @@ func BenchmarkConnectionsPerSecond(b *testing.B) {
 func BenchmarkIdleConnectionMemory(b *testing.B) {
 	const n = 2000
 	type cost struct{ heap, stack float64 }
-	measure := func(b *testing.B, addr string, backend *chaintest.Backend) cost {
+	measure := func(b *testing.B, addr string, backend *chaintest.Backend, settle func(n int)) cost {
 		runtime.GC()
 		var before, after runtime.MemStats
 		runtime.ReadMemStats(&before)
@@ -163,6 +164,7 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 			}
 			conns = append(conns, c)
 		}
+		settle(n)
 		runtime.GC()
 		runtime.ReadMemStats(&after)
 		for _, c := range conns {
@@ -174,23 +176,31 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 			stack: float64(int64(after.StackInuse)-int64(before.StackInuse)) / n,
 		}
 	}
+	parked := func(n int) {
+		// Wait until the quiet connections' upstream directions parked.
+		for deadline := time.Now().Add(10 * time.Second); parkedCount() < n && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 	for _, tc := range []struct {
-		name string
-		hop  func(b *testing.B, p *Proxy) *hop
+		name   string
+		hop    func(b *testing.B, p *Proxy) *hop
+		settle func(n int)
 	}{
-		{"serve", func(b *testing.B, p *Proxy) *hop { return startHop(b, p, nil) }},
-		{"detached", func(b *testing.B, p *Proxy) *hop { return startDetachedHop(b, p) }},
+		{"serve", func(b *testing.B, p *Proxy) *hop { return startHop(b, p, nil) }, func(int) {}},
+		{"detached", func(b *testing.B, p *Proxy) *hop { return startDetachedHop(b, p) }, parked},
 	} {
 		b.Run(tc.name, func(b *testing.B) {
 			for i := 0; i < b.N; i++ {
 				backend := chaintest.NewEchoBackend(b)
-				measure(b, backend.Addr, backend) // warm up pools and the runtime's free lists
-				direct := measure(b, backend.Addr, backend)
+				none := func(int) {}
+				measure(b, backend.Addr, backend, none) // warm up pools and the runtime's free lists
+				direct := measure(b, backend.Addr, backend, none)
 				tr := NewTracker()
-				h := tc.hop(b, &Proxy{Tracker: tr, Balancer: balancerFor(b, backend.Addr)})
-				measure(b, h.Addr, backend) // the proxy's own pools and free lists
+				h := tc.hop(b, &Proxy{Tracker: tr, Balancer: balancerFor(b, backend.Addr), parkAfter: 20 * time.Millisecond})
+				measure(b, h.Addr, backend, tc.settle) // the proxy's own pools and free lists
 				<-tr.Empty()
-				proxied := measure(b, h.Addr, backend)
+				proxied := measure(b, h.Addr, backend, tc.settle)
 				<-tr.Empty()
 				b.ReportMetric(proxied.heap-direct.heap, "heap-B/idle-conn")
 				b.ReportMetric(proxied.stack-direct.stack, "stack-B/idle-conn")

@@ -58,9 +58,11 @@ type pipe struct {
 	closeOnce   sync.Once
 	wg          sync.WaitGroup // run: the downstream goroutine
 
-	// start: directions still copying, and what the last one calls.
-	running atomic.Int32
-	end     func(CloseReason)
+	// start: directions not yet finished, and what the last one calls.
+	running   atomic.Int32
+	end       func(CloseReason)
+	closing   atomic.Bool   // fail has begun closing the sockets
+	parkAfter time.Duration // tests shorten defaultParkAfter
 }
 
 // direction is one way through the pipe: it reads src and writes dst.
@@ -87,6 +89,12 @@ type direction struct {
 
 	writeDeadline time.Time
 
+	// Parking (detached pipes only; see park.go).
+	state      atomic.Int32 // running, parked or finished
+	registered bool         // the socket is known to the parker's epoll
+	parkFD     int32
+	wokeAt     time.Time // when the parker last woke this direction
+
 	// screen, while not nil, holds back src's first bytes until they are
 	// known not to be a PROXY header (client → upstream only; see screen).
 	screen *screen
@@ -110,8 +118,6 @@ func newPipe(r *Record, client net.Conn, clientTCP tcpSocket, upstream net.Conn,
 	clientRaw, upstreamRaw := r.rawSockets()
 	p.up.init(clientRaw)
 	p.down.init(upstreamRaw)
-	p.up.armRead()
-	p.down.armRead()
 	return p
 }
 
@@ -119,6 +125,8 @@ func newPipe(r *Record, client net.Conn, clientTCP tcpSocket, upstream net.Conn,
 // limit was hit, and returns why the connection ended. The calling
 // goroutine copies client → upstream; one more copies the other way.
 func (p *pipe) run() CloseReason {
+	p.up.armRead()
+	p.down.armRead()
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -134,17 +142,10 @@ func (p *pipe) run() CloseReason {
 func (p *pipe) start(end func(CloseReason)) {
 	p.running.Store(2)
 	p.end = end
+	p.up.armRead()
+	p.down.armRead() // with the park deadline, now that the pipe is detached
 	go p.up.copyAndEnd()
 	go p.down.copyAndEnd()
-}
-
-// copyAndEnd is a detached direction's goroutine: kept to the copy loop, so
-// its stack stays the smallest the runtime gives while it waits.
-func (d *direction) copyAndEnd() {
-	d.copy()
-	if d.p.running.Add(-1) == 0 {
-		d.p.end(d.p.reason())
-	}
 }
 
 // reason is why the connection ended, once both directions are done.
@@ -161,6 +162,8 @@ func (p *pipe) reason() CloseReason {
 // clean end.
 func (p *pipe) fail(reason CloseReason, reset bool) {
 	p.r.setReason(reason)
+	p.closing.Store(true)
+	defer p.settleParked()
 	p.closeOnce.Do(func() {
 		if reset {
 			for _, tc := range []tcpSocket{p.clientTCP, p.upstreamTCP} {
@@ -236,8 +239,10 @@ func (d *direction) armRead() {
 	for {
 		s := d.p.r.State()
 		dl := d.p.deadline(s, d.p.r.LastActivity())
-		if sdl := d.screen.deadline(); !sdl.IsZero() && (dl.IsZero() || sdl.Before(dl)) {
-			dl = sdl
+		for _, other := range [2]time.Time{d.screen.deadline(), d.parkDeadline()} {
+			if !other.IsZero() && (dl.IsZero() || other.Before(dl)) {
+				dl = other
+			}
 		}
 		_ = d.src.SetReadDeadline(dl)
 		if d.p.r.State() == s {
@@ -260,8 +265,8 @@ func (d *direction) armWrite(now time.Time) {
 }
 
 // copy moves bytes from src to dst until src ends, a limit is hit or either
-// socket fails.
-func (d *direction) copy() {
+// socket fails, or until it parks (it then returns true: see park).
+func (d *direction) copy() (parked bool) {
 	for {
 		buf, n, err := d.read()
 		if n > 0 {
@@ -308,6 +313,9 @@ func (d *direction) copy() {
 			if reason, expired := d.p.expired(now); expired {
 				d.p.fail(reason, false)
 				return
+			}
+			if pdl := d.parkDeadline(); !pdl.IsZero() && !now.Before(pdl) && d.park() {
+				return true
 			}
 			d.armRead()
 		case err == io.EOF:

@@ -56,6 +56,8 @@ type Proxy struct {
 	// Dialer.TryInterval) for this long when none connects or none is
 	// available, instead of closing the client after one pass.
 	TryDuration time.Duration
+
+	parkAfter time.Duration // if set, replaces defaultParkAfter (tests)
 }
 
 // ClientMeta is what the server knows about a client beyond its socket.
@@ -99,10 +101,10 @@ func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason 
 // ServeDetached is Serve for a caller whose goroutine should not live as
 // long as the connection: it returns as soon as the connection is
 // established (or has ended before that), and the established connection
-// goes on on two goroutines of its own, one per direction, each no deeper
-// than the copy loop. An idle connection then holds no more than those two
-// small stacks, its record and its sockets; whatever the caller's goroutine
-// held is freed. ServeDetached owns client: it closes it when the
+// goes on on goroutines of its own, one per direction, each no deeper than
+// the copy loop; after a second of quiet the upstream → client one parks
+// (see park.go). An idle connection then holds one small stack, its record
+// and its sockets; whatever the caller's goroutine held is freed. ServeDetached owns client: it closes it when the
 // connection ends, so the caller must hand over a socket nobody else
 // closes (see TakeOver).
 func (p *Proxy) ServeDetached(client net.Conn, pending []byte, meta ClientMeta) {
@@ -260,6 +262,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.touch(now)
 	r.setState(StateEstablished)
 	s.pipe = newPipe(r, client, clientTCP, upConn, p.Timeouts, sc)
+	s.pipe.parkAfter = p.parkAfter
 	return s, ReasonNone
 }
 

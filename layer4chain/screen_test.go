@@ -24,6 +24,7 @@ func checkEngineLeaks(t *testing.T) {
 	if ln, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
 		ln.Close()
 	}
+	getParker() // the parker too: its epoll instance and goroutine live as long as the process
 	goroutines := goleak.IgnoreCurrent()
 	fds := countFDs(t)
 	t.Cleanup(func() {

@@ -1,0 +1,188 @@
+package layer4chain
+
+import (
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
+)
+
+// parkedCount is how many directions wait in the parker.
+func parkedCount() int {
+	pk := getParker()
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	return len(pk.parked)
+}
+
+// waitParked waits until n directions are parked. Parking has no event to
+// await: it is the absence of traffic for parkAfter.
+func waitParked(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for parkedCount() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d directions parked, want %d", parkedCount(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// parkingHop is a detached hop in front of a backend whose accepted
+// connections the test drives; its connections park after 20 ms of quiet.
+func parkingHop(t *testing.T, timeouts Timeouts) (*hop, <-chan *net.TCPConn) {
+	t.Helper()
+	accepted := make(chan *net.TCPConn, 4)
+	release := make(chan struct{})
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		accepted <- c
+		<-release
+	})
+	t.Cleanup(func() { close(release) })
+	h := startDetachedHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr), Timeouts: timeouts, parkAfter: 20 * time.Millisecond})
+	return h, accepted
+}
+
+func mustRead(t *testing.T, c net.Conn, want string) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != want {
+		t.Fatalf("read %q, %v; want %q", got, err, want)
+	}
+}
+
+func mustWrite(t *testing.T, c net.Conn, s string) {
+	t.Helper()
+	if _, err := c.Write([]byte(s)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestQuietConnectionParksAndWakesWhenTheUpstreamSends(t *testing.T) {
+	checkEngineLeaks(t)
+	h, accepted := parkingHop(t, Timeouts{})
+	client := chaintest.Dial(t, h.Addr)
+	mustWrite(t, client, "hello")
+	up := <-accepted
+	mustRead(t, up, "hello")
+	waitParked(t, 1)
+
+	for _, msg := range []string{"first", "second"} {
+		mustWrite(t, up, msg)
+		mustRead(t, client, msg)
+		waitParked(t, 1) // parked again after each burst
+	}
+	mustWrite(t, client, "bye")
+	mustRead(t, up, "bye")
+
+	client.Close()
+	if _, _, err := chaintest.ReadUntilClosed(up, 3*time.Second); err != nil {
+		t.Fatalf("upstream: %v", err)
+	}
+	up.Close()
+	<-h.Tracker.Empty()
+	if n := h.Tracker.Closed(ReasonClientClosed); n != 1 {
+		t.Fatalf("client_closed: %d, want 1", n)
+	}
+	waitParked(t, 0)
+}
+
+func TestParkedDirectionIsCarriedOnAfterTheClientHalfCloses(t *testing.T) {
+	checkEngineLeaks(t)
+	h, accepted := parkingHop(t, Timeouts{HalfClose: time.Minute})
+	client := chaintest.Dial(t, h.Addr)
+	mustWrite(t, client, "request")
+	up := <-accepted
+	mustRead(t, up, "request")
+	waitParked(t, 1)
+
+	client.CloseWrite()
+	if _, _, err := chaintest.ReadUntilClosed(up, 3*time.Second); err != nil {
+		t.Fatalf("upstream did not see the client's FIN: %v", err)
+	}
+	waitParked(t, 0) // the client → upstream goroutine carries the other direction on
+	mustWrite(t, up, "response")
+	up.CloseWrite()
+	got, _, err := chaintest.ReadUntilClosed(client, 3*time.Second)
+	if err != nil || string(got) != "response" {
+		t.Fatalf("client read %q, %v; want the response then EOF", got, err)
+	}
+	up.Close()
+	<-h.Tracker.Empty()
+	if n := h.Tracker.Closed(ReasonClientClosed); n != 1 {
+		t.Fatalf("client_closed: %d, want 1 (the client ended first)", n)
+	}
+}
+
+func TestParkedDirectionWakesWhenTheUpstreamCloses(t *testing.T) {
+	checkEngineLeaks(t)
+	h, accepted := parkingHop(t, Timeouts{HalfClose: time.Minute})
+	client := chaintest.Dial(t, h.Addr)
+	mustWrite(t, client, "request")
+	up := <-accepted
+	mustRead(t, up, "request")
+	waitParked(t, 1)
+
+	mustWrite(t, up, "last words")
+	up.CloseWrite()
+	got, _, err := chaintest.ReadUntilClosed(client, 3*time.Second)
+	if err != nil || string(got) != "last words" {
+		t.Fatalf("client read %q, %v; want the upstream's bytes then EOF", got, err)
+	}
+	mustWrite(t, client, "still here") // half-closed: the client may still send
+	mustRead(t, up, "still here")
+	client.Close()
+	up.Close()
+	<-h.Tracker.Empty()
+	if n := h.Tracker.Closed(ReasonUpstreamClosed); n != 1 {
+		t.Fatalf("upstream_closed: %d, want 1", n)
+	}
+	waitParked(t, 0)
+}
+
+func TestParkedConnectionStillEndsAtItsIdleTimeout(t *testing.T) {
+	checkEngineLeaks(t)
+	h, accepted := parkingHop(t, Timeouts{Idle: 300 * time.Millisecond})
+	client := chaintest.Dial(t, h.Addr)
+	mustWrite(t, client, "x")
+	up := <-accepted
+	mustRead(t, up, "x")
+	waitParked(t, 1)
+	if _, elapsed, _ := chaintest.ReadUntilClosed(client, 3*time.Second); elapsed > 2*time.Second {
+		t.Fatalf("closed after %v, want about the 300ms idle timeout", elapsed)
+	}
+	<-h.Tracker.Empty()
+	if n := h.Tracker.Closed(ReasonIdleTimeout); n != 1 {
+		t.Fatalf("idle_timeout: %d, want 1", n)
+	}
+	waitParked(t, 0)
+}
+
+func TestParkedConnectionClosedFromOutsideLeavesNothing(t *testing.T) {
+	checkEngineLeaks(t)
+	h, accepted := parkingHop(t, Timeouts{})
+	const n = 20
+	clients := make([]net.Conn, n)
+	for i := range clients {
+		clients[i] = chaintest.Dial(t, h.Addr)
+		mustWrite(t, clients[i], "x")
+		mustRead(t, <-accepted, "x")
+	}
+	waitParked(t, n)
+	for _, r := range h.Tracker.Records() {
+		r.Close(ReasonAdmin)
+	}
+	for _, c := range clients {
+		if _, elapsed, _ := chaintest.ReadUntilClosed(c, 3*time.Second); elapsed > 2*time.Second {
+			t.Fatalf("closed after %v", elapsed)
+		}
+	}
+	<-h.Tracker.Empty()
+	if got := h.Tracker.Closed(ReasonAdmin); got != n {
+		t.Fatalf("admin: %d, want %d", got, n)
+	}
+	waitParked(t, 0)
+}

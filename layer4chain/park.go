@@ -2,11 +2,12 @@ package layer4chain
 
 import "time"
 
-// defaultParkAfter is how long a detached connection stays quiet before its
-// upstream → client direction parks: its goroutine ends, and the parker
-// starts a new one when the upstream next sends (or closes). An idle
-// connection then holds one goroutine of this package, the client →
-// upstream one, which keeps enforcing the connection's limits.
+// defaultParkAfter is how long a detached connection stays quiet before
+// its directions park. The upstream → client direction parks first: its
+// goroutine ends, and the parker starts a new one when the upstream next
+// sends (or closes). The client → upstream direction follows, and a timer
+// stands in for its read deadline (the idle, half-close and lifetime
+// limits). An idle connection then holds no goroutine at all.
 const defaultParkAfter = time.Second
 
 // Park states of a direction.
@@ -16,11 +17,16 @@ const (
 	finished              // done, and counted as done in pipe.running
 )
 
-// parkable says whether d may park now: only the upstream → client
-// direction of a detached pipe, reading a raw socket, while the connection
-// is established (so the other direction is alive and enforces the limits).
+// parkable says whether d may park now: a direction of a detached pipe
+// reading a raw socket, while the connection is established; the
+// upstream → client direction first, then the other, unless it is still
+// screening for a PROXY header.
 func (d *direction) parkable() bool {
-	return d == &d.p.down && d.p.end != nil && d.raw != nil && d.p.r.State() == StateEstablished
+	p := d.p
+	if p.end == nil || d.raw == nil || p.r.State() != StateEstablished {
+		return false
+	}
+	return d == &p.down || (d.screen == nil && p.down.state.Load() == parked)
 }
 
 // parkDeadline is when d parks if nothing moves; zero if it cannot.
@@ -46,6 +52,18 @@ func (d *direction) park() bool {
 	if pk == nil {
 		return false
 	}
+	// The client → upstream direction enforces the connection's limits:
+	// parked, a timer wakes it when the next one is due.
+	var due time.Time
+	if d == &d.p.up {
+		if due = d.p.deadline(d.p.r.State(), d.p.r.LastActivity()); !due.IsZero() && !time.Now().Before(due) {
+			return false
+		}
+		if d.timer == nil {
+			d.timer = time.AfterFunc(time.Hour, d.wake)
+			d.timer.Stop()
+		}
+	}
 	var armed, taken bool
 	err := d.raw.Control(func(fd uintptr) {
 		d.state.Store(parked)
@@ -60,6 +78,9 @@ func (d *direction) park() bool {
 	if err != nil || !armed {
 		return false
 	}
+	if !due.IsZero() {
+		d.timer.Reset(time.Until(due))
+	}
 	// What allowed parking may have changed meanwhile: the other direction
 	// ended (half-close) or the pipe failed. Each of those looks at the
 	// park state after changing, so one side or the other sees the change.
@@ -69,7 +90,22 @@ func (d *direction) park() bool {
 			return false
 		}
 	}
+	if d == &d.p.down {
+		// Let the client → upstream direction see that it may park too.
+		_ = d.p.client.SetReadDeadline(time.Now())
+	}
 	return true
+}
+
+// wake carries a parked direction on, on a new goroutine: its socket
+// became readable, its timer fired, or its connection is being closed.
+func (d *direction) wake() {
+	if d.unpark() {
+		if pk := getParker(); pk != nil {
+			pk.forget(d)
+		}
+		go d.resume()
+	}
 }
 
 // unpark takes a parked direction back; only one caller wins.
@@ -98,6 +134,9 @@ func (d *direction) copyAndEnd() {
 // goroutine carries it on, under the limits of the new state.
 func (d *direction) done() *direction {
 	d.state.Store(finished)
+	if d.timer != nil {
+		d.timer.Stop()
+	}
 	if d.p.running.Add(-1) == 0 {
 		d.p.end(d.p.reason())
 		return nil

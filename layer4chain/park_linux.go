@@ -92,8 +92,8 @@ func (pk *parker) run() {
 			d := pk.parked[ev.Fd]
 			delete(pk.parked, ev.Fd)
 			pk.mu.Unlock()
-			if d != nil && d.unpark() {
-				go d.resume()
+			if d != nil {
+				d.wake()
 			}
 		}
 	}

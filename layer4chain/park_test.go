@@ -40,8 +40,8 @@ func parkingHop(t *testing.T, timeouts Timeouts) (*hop, <-chan *net.TCPConn) {
 		accepted <- c
 		<-release
 	})
-	t.Cleanup(func() { close(release) })
 	h := startDetachedHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr), Timeouts: timeouts, parkAfter: 20 * time.Millisecond})
+	t.Cleanup(func() { close(release) }) // before the hop waits for its connections to end
 	return h, accepted
 }
 
@@ -68,13 +68,16 @@ func TestQuietConnectionParksAndWakesWhenTheUpstreamSends(t *testing.T) {
 	mustWrite(t, client, "hello")
 	up := <-accepted
 	mustRead(t, up, "hello")
-	waitParked(t, 1)
+	waitParked(t, 2) // both directions: no goroutine holds the connection
 
 	for _, msg := range []string{"first", "second"} {
 		mustWrite(t, up, msg)
 		mustRead(t, client, msg)
-		waitParked(t, 1) // parked again after each burst
+		waitParked(t, 2) // parked again after each burst
 	}
+	mustWrite(t, client, "wake")
+	mustRead(t, up, "wake")
+	waitParked(t, 2)
 	mustWrite(t, client, "bye")
 	mustRead(t, up, "bye")
 
@@ -97,7 +100,7 @@ func TestParkedDirectionIsCarriedOnAfterTheClientHalfCloses(t *testing.T) {
 	mustWrite(t, client, "request")
 	up := <-accepted
 	mustRead(t, up, "request")
-	waitParked(t, 1)
+	waitParked(t, 2)
 
 	client.CloseWrite()
 	if _, _, err := chaintest.ReadUntilClosed(up, 3*time.Second); err != nil {
@@ -124,7 +127,7 @@ func TestParkedDirectionWakesWhenTheUpstreamCloses(t *testing.T) {
 	mustWrite(t, client, "request")
 	up := <-accepted
 	mustRead(t, up, "request")
-	waitParked(t, 1)
+	waitParked(t, 2)
 
 	mustWrite(t, up, "last words")
 	up.CloseWrite()
@@ -150,7 +153,7 @@ func TestParkedConnectionStillEndsAtItsIdleTimeout(t *testing.T) {
 	mustWrite(t, client, "x")
 	up := <-accepted
 	mustRead(t, up, "x")
-	waitParked(t, 1)
+	waitParked(t, 2) // the limit's timer stands in for the read deadline
 	if _, elapsed, _ := chaintest.ReadUntilClosed(client, 3*time.Second); elapsed > 2*time.Second {
 		t.Fatalf("closed after %v, want about the 300ms idle timeout", elapsed)
 	}
@@ -171,7 +174,7 @@ func TestParkedConnectionClosedFromOutsideLeavesNothing(t *testing.T) {
 		mustWrite(t, clients[i], "x")
 		mustRead(t, <-accepted, "x")
 	}
-	waitParked(t, n)
+	waitParked(t, 2*n)
 	for _, r := range h.Tracker.Records() {
 		r.Close(ReasonAdmin)
 	}

@@ -93,7 +93,8 @@ type direction struct {
 	state      atomic.Int32 // running, parked or finished
 	registered bool         // the socket is known to the parker's epoll
 	parkFD     int32
-	wokeAt     time.Time // when the parker last woke this direction
+	wokeAt     time.Time   // when the parker last woke this direction
+	timer      *time.Timer // wakes the parked client → upstream direction at its deadline
 
 	// screen, while not nil, holds back src's first bytes until they are
 	// known not to be a PROXY header (client → upstream only; see screen).
@@ -142,6 +143,15 @@ func (p *pipe) run() CloseReason {
 func (p *pipe) start(end func(CloseReason)) {
 	p.running.Store(2)
 	p.end = end
+	// Closing from outside must wake parked directions: no socket event
+	// comes for a descriptor closed here.
+	p.r.setInterrupt(func() {
+		p.r.markShut(shutClient | shutUpstream)
+		_ = p.client.Close()
+		_ = p.upstream.Close()
+		p.up.wake()
+		p.down.wake()
+	})
 	p.up.armRead()
 	p.down.armRead() // with the park deadline, now that the pipe is detached
 	go p.up.copyAndEnd()

@@ -310,23 +310,23 @@ func runUpstreams(cmd *cobra.Command, _ []string, out io.Writer) error {
 	return tw.Flush()
 }
 
-// traceHop is one hop's connection in a trace: the admin API's record and
+// TraceHop is one hop's connection in a trace: the admin API's record and
 // the admin address that reported it.
-type traceHop struct {
+type TraceHop struct {
 	// Admin is the admin API address that listed the connection.
 	Admin string `json:"admin"`
 	layer4chain.RecordInfo
 }
 
-// chainTrace is the path of one chain ID across hops, as `caddy layer4chain
+// ChainTrace is the path of one chain ID across hops, as `caddy layer4chain
 // trace --json` prints it.
-type chainTrace struct {
+type ChainTrace struct {
 	// ChainID is the chain ID followed.
 	ChainID string `json:"chain_id"`
 	// Client is the original client, as the first hop found knows it.
 	Client string `json:"client"`
 	// Hops lists the connections found, ordered by hop number.
-	Hops []traceHop `json:"hops"`
+	Hops []TraceHop `json:"hops"`
 	// MissingHops lists the hop numbers below the last one found that no
 	// admin API reported.
 	MissingHops []int `json:"missing_hops,omitempty"`
@@ -334,12 +334,12 @@ type chainTrace struct {
 	Backend string `json:"backend"`
 }
 
-// errChainNotFound is returned by trace when no hop has the chain ID.
-var errChainNotFound = errors.New("chain ID found on no hop")
+// ErrChainNotFound is returned by trace when no hop has the chain ID.
+var ErrChainNotFound = errors.New("chain ID found on no hop")
 
 func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
 	admins, _ := cmd.Flags().GetStringArray("admin")
-	tr, err := trace(args[0], admins)
+	tr, err := TraceChain(args[0], admins)
 	if err != nil {
 		return err
 	}
@@ -364,12 +364,13 @@ func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
 	return tw.Flush()
 }
 
-// trace asks every admin API at once for the chain ID's connections and
-// orders what they answer by hop. It fails, naming each, when an admin API
-// cannot be asked, and with errChainNotFound when none has the chain ID.
-func trace(chainID string, admins []string) (chainTrace, error) {
+// TraceChain asks every admin API (addresses as Caddy's admin option takes
+// them) at once for the chain ID's connections and orders what they answer
+// by hop; it is what `caddy layer4chain trace` prints. It fails, naming each, when an admin API
+// cannot be asked, and with ErrChainNotFound when none has the chain ID.
+func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 	if chainID == "" {
-		return chainTrace{}, errors.New("chain ID: empty")
+		return ChainTrace{}, errors.New("chain ID: empty")
 	}
 	type answer struct {
 		list []layer4chain.RecordInfo
@@ -387,7 +388,7 @@ func trace(chainID string, admins []string) (chainTrace, error) {
 		}()
 	}
 	wg.Wait()
-	tr := chainTrace{ChainID: chainID, Hops: []traceHop{}}
+	tr := ChainTrace{ChainID: chainID, Hops: []TraceHop{}}
 	var errs []error
 	for i, a := range answers {
 		if a.err != nil {
@@ -395,18 +396,18 @@ func trace(chainID string, admins []string) (chainTrace, error) {
 			continue
 		}
 		for _, info := range a.list {
-			tr.Hops = append(tr.Hops, traceHop{Admin: admins[i], RecordInfo: info})
+			tr.Hops = append(tr.Hops, TraceHop{Admin: admins[i], RecordInfo: info})
 		}
 	}
 	if len(errs) > 0 {
-		return chainTrace{}, errors.Join(errs...)
+		return ChainTrace{}, errors.Join(errs...)
 	}
 	if len(tr.Hops) == 0 {
-		return chainTrace{}, fmt.Errorf("%w: %s (asked %s)", errChainNotFound, chainID, strings.Join(admins, ", "))
+		return ChainTrace{}, fmt.Errorf("%w: %s (asked %s)", ErrChainNotFound, chainID, strings.Join(admins, ", "))
 	}
 	// Stable: hops with one number (a chain through one process twice)
 	// keep the order of the admin addresses given.
-	slices.SortStableFunc(tr.Hops, func(a, b traceHop) int { return cmp.Compare(a.Hop, b.Hop) })
+	slices.SortStableFunc(tr.Hops, func(a, b TraceHop) int { return cmp.Compare(a.Hop, b.Hop) })
 	first, last := tr.Hops[0], tr.Hops[len(tr.Hops)-1]
 	tr.Client = clientOf(first.RecordInfo)
 	tr.Backend = last.Upstream

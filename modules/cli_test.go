@@ -224,7 +224,7 @@ func TestCLITraceMarksAMissingHop(t *testing.T) {
 	checkLeaks(t)
 	first := startFakeAdmin(t, []layer4chain.RecordInfo{record(1, "c", 1, "127.0.0.1:8002")})
 	third := startFakeAdmin(t, []layer4chain.RecordInfo{record(2, "c", 3, "127.0.0.1:8004")})
-	tr, err := trace("c", []string{first.addr, third.addr})
+	tr, err := TraceChain("c", []string{first.addr, third.addr})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -240,9 +240,9 @@ func TestCLITraceMarksAMissingHop(t *testing.T) {
 func TestCLITraceFailsWhenNoHopHasTheChainOrAnAdminIsUnreachable(t *testing.T) {
 	checkLeaks(t)
 	admin := startFakeAdmin(t, []layer4chain.RecordInfo{record(1, "known", 1, "u")})
-	if _, err := runCLI(t, "trace", "unknown", "--admin", admin.addr); !errors.Is(err, errChainNotFound) ||
+	if _, err := runCLI(t, "trace", "unknown", "--admin", admin.addr); !errors.Is(err, ErrChainNotFound) ||
 		!strings.Contains(err.Error(), admin.addr) {
-		t.Fatalf("trace of an unknown chain ID: %v, want errChainNotFound naming %s", err, admin.addr)
+		t.Fatalf("trace of an unknown chain ID: %v, want ErrChainNotFound naming %s", err, admin.addr)
 	}
 	dead := chaintest.RefusedAddr(t)
 	_, err := runCLI(t, "trace", "known", "--admin", admin.addr, "--admin", dead)

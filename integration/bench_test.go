@@ -47,7 +47,7 @@ func benchBackend(b *testing.B, echo bool) string {
 	return chaintest.NewBackend(b, func(c *net.TCPConn) { io.Copy(io.Discard, struct{ io.Reader }{c}) }).Addr
 }
 
-func rssKiB(b *testing.B, pid int) int {
+func rssKiB(b testing.TB, pid int) int {
 	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		b.Fatal(err)

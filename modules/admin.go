@@ -80,6 +80,7 @@ func (adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) error 
 			records = append(records, processTracker().ByChainID(id)...)
 		}
 		slices.SortFunc(records, func(a, b *layer4chain.Record) int { return cmp.Compare(a.ID, b.ID) })
+		records = slices.Compact(records) // a chain ID asked for twice
 	} else {
 		records = processTracker().Records()
 	}

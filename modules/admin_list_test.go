@@ -77,21 +77,21 @@ func TestConnectionListPagesAndFilters(t *testing.T) {
 
 	count := func(query string) int { return len(admin.connections(query)) }
 	for query, want := range map[string]int{
-		"?state=established":                                          7,
-		"?state=connecting":                                           0,
-		"?state=connecting&state=established":                         7,
-		"?client=127.0.0.2":                                           3,
-		"?client=127.0.0.2&client=127.0.0.3":                          5,
-		"?client=127.0.0.2/31":                                        5, // .2 and .3
-		"?client=127.0.0.0/8":                                         7,
-		"?client=::ffff:127.0.0.3":                                    2,
-		"?client=" + conns[0].LocalAddr().String():                    1,
-		"?client=127.0.0.2&upstream=" + backend.Addr:                  3,
-		"?client=127.0.0.2&upstream=127.0.0.1:1":                      0,
-		"?upstream=127.0.0.1:1&upstream=" + backend.Addr:              7,
-		"?chain_id=" + all[0].ChainID + "&chain_id=" + all[6].ChainID: 2,
-		"?chain_id=" + all[0].ChainID + "&client=127.0.0.2":           0,
-		"?client=127.0.0.2&limit=2":                                   2,
+		"?state=established":                             7,
+		"?state=connecting":                              0,
+		"?state=connecting&state=established":            7,
+		"?client=127.0.0.2":                              3,
+		"?client=127.0.0.2&client=127.0.0.3":             5,
+		"?client=127.0.0.2/31":                           5, // .2 and .3
+		"?client=127.0.0.0/8":                            7,
+		"?client=::ffff:127.0.0.3":                       2,
+		"?client=" + conns[0].LocalAddr().String():       1,
+		"?client=127.0.0.2&upstream=" + backend.Addr:     3,
+		"?client=127.0.0.2&upstream=127.0.0.1:1":         0,
+		"?upstream=127.0.0.1:1&upstream=" + backend.Addr: 7,
+		"?chain_id=" + all[0].ChainID + "&chain_id=" + all[6].ChainID + "&chain_id=" + all[0].ChainID: 2,
+		"?chain_id=" + all[0].ChainID + "&client=127.0.0.2":                                           0,
+		"?client=127.0.0.2&limit=2": 2,
 	} {
 		if got := count(query); got != want {
 			t.Errorf("%s lists %d records, want %d", query, got, want)

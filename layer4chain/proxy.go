@@ -196,9 +196,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	if maxHops := p.maxHops(); o.hops >= maxHops {
 		// The rejected header's chain ID and client are what an operator
 		// needs to find the loop.
-		r.mu.Lock()
-		r.chainID, r.hop, r.originalClient = o.chainID, o.hops+1, o.client
-		r.mu.Unlock()
+		p.Tracker.setOrigin(r, o.chainID, o.hops+1, o.client)
 		r.setDetail(fmt.Errorf("%d hops before this one, max_hops is %d", o.hops, maxHops))
 		return nil, ReasonLoopDetected
 	}
@@ -208,9 +206,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	if meta.SNI != "" && !o.viaHop {
 		o.authority = meta.SNI
 	}
-	r.mu.Lock()
-	r.chainID, r.hop, r.originalClient = o.chainID, o.hops+1, o.client
-	r.mu.Unlock()
+	p.Tracker.setOrigin(r, o.chainID, o.hops+1, o.client)
 	if err := p.Tracker.admitClient(r, p.Limits.MaxConnectionsPerClient, o.client.Addr()); err != nil {
 		r.setDetail(err)
 		return nil, ReasonLimitExceeded

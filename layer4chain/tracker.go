@@ -67,6 +67,7 @@ type Tracker struct {
 
 	mu      sync.Mutex
 	records map[uint64]*Record
+	byChain map[string][]*Record // chain ID → its live records; see setOrigin
 	scopes  map[string]*scope
 	empty   chan struct{} // closed while no record is live; see Empty
 
@@ -90,6 +91,7 @@ func NewTracker() *Tracker {
 	close(empty)
 	return &Tracker{
 		records: make(map[uint64]*Record),
+		byChain: make(map[string][]*Record),
 		scopes:  make(map[string]*scope),
 		empty:   empty,
 	}
@@ -184,6 +186,7 @@ func (t *Tracker) Remove(r *Record, reason CloseReason) {
 		return
 	}
 	delete(t.records, r.ID)
+	t.unindexChain(r)
 	s := r.scope
 	s.total--
 	if r.perClient.IsValid() {

@@ -1,10 +1,13 @@
 package modules
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -18,7 +21,9 @@ func init() {
 
 // adminAPI serves the tracker on Caddy's admin endpoint:
 //
-//	GET    /layer4chain/connections       live connections; filters ?state= ?upstream= ?client= ?chain_id=
+//	GET    /layer4chain/connections       live connections in ID order; filters ?state= ?upstream=
+//	                                      ?client= (IP, IP:port or CIDR) ?chain_id=, each repeatable
+//	                                      (OR), and paging ?limit= ?after=
 //	GET    /layer4chain/connections/{id}  one connection, with the kernel's view of its sockets
 //	DELETE /layer4chain/connections/{id}  closes it with reason admin
 //	GET    /layer4chain/stats             counts by state, totals, closes and failures by reason
@@ -62,13 +67,30 @@ func (adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) error 
 	if err := allowMethods(r, http.MethodGet); err != nil {
 		return err
 	}
-	match, err := parseFilter(r)
+	q, err := parseListQuery(r)
 	if err != nil {
 		return err
 	}
+	// The tracker's lock is held only to copy the record pointers (or,
+	// by chain ID, the index's few); filtering, the kernel's view and
+	// encoding run without it.
+	var records []*layer4chain.Record
+	if len(q.chainIDs) > 0 {
+		for _, id := range q.chainIDs {
+			records = append(records, processTracker().ByChainID(id)...)
+		}
+		slices.SortFunc(records, func(a, b *layer4chain.Record) int { return cmp.Compare(a.ID, b.ID) })
+		records = slices.Compact(records) // a chain ID asked for twice
+	} else {
+		records = processTracker().Records()
+	}
 	list := []layer4chain.RecordInfo{} // encodes as [] when empty
-	for _, rec := range processTracker().Records() {
-		if info := rec.Info(); match(info) {
+	start, _ := slices.BinarySearchFunc(records, q.after+1, func(r *layer4chain.Record, id uint64) int { return cmp.Compare(r.ID, id) })
+	for _, rec := range records[start:] {
+		if q.limit > 0 && len(list) == q.limit {
+			break
+		}
+		if info := rec.Info(); q.match(info) {
 			// The kernel's view costs a system call per socket: only for
 			// the records that are shown.
 			list = append(list, rec.InfoWithSockets())
@@ -117,49 +139,101 @@ func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, list)
 }
 
-// parseFilter turns the query into a predicate over records. A client
-// filter matches the socket peer or the original client, by address or IP.
-func parseFilter(r *http.Request) (func(layer4chain.RecordInfo) bool, error) {
-	q := r.URL.Query()
-	for key := range q {
-		switch key {
-		case "state", "upstream", "client", "chain_id":
-		default:
-			return nil, apiError(http.StatusBadRequest, "unknown filter %q (want state, upstream, client or chain_id)", key)
-		}
-	}
-	var state *layer4chain.State
-	if v := q.Get("state"); v != "" {
-		s, err := layer4chain.ParseState(v)
-		if err != nil {
-			return nil, apiError(http.StatusBadRequest, "filter state: %v", err)
-		}
-		state = &s
-	}
-	client := q.Get("client")
-	if client != "" {
-		if _, err := netip.ParseAddr(client); err != nil {
-			if _, err := netip.ParseAddrPort(client); err != nil {
-				return nil, apiError(http.StatusBadRequest, "filter client: %q is neither an IP nor an IP:port", client)
+// MaxListLimit is the largest page GET /layer4chain/connections serves.
+const MaxListLimit = 10000
+
+// listQuery is a parsed GET /layer4chain/connections query. Values of one
+// filter are alternatives (OR); different filters must all match (AND).
+type listQuery struct {
+	states    []layer4chain.State
+	upstreams []string
+	clients   []netip.Prefix // an IP is a one-address prefix
+	ports     []netip.AddrPort
+	chainIDs  []string
+	limit     int    // 0: every matching record
+	after     uint64 // only records with a greater ID
+}
+
+// parseListQuery reads the filters and the paging parameters. Every bad
+// value is a 400 naming the parameter.
+func parseListQuery(r *http.Request) (listQuery, error) {
+	var q listQuery
+	values := r.URL.Query()
+	for _, key := range slices.Sorted(maps.Keys(values)) {
+		for _, v := range values[key] {
+			if err := q.add(key, v); err != nil {
+				return listQuery{}, err
 			}
 		}
 	}
-	upstream, chainID := q.Get("upstream"), q.Get("chain_id")
-	return func(info layer4chain.RecordInfo) bool {
-		return (state == nil || info.State == *state) &&
-			(upstream == "" || info.Upstream == upstream) &&
-			(chainID == "" || info.ChainID == chainID) &&
-			(client == "" || addrMatches(info.Client, client) || addrMatches(info.OriginalClient, client))
-	}, nil
+	return q, nil
 }
 
-// addrMatches says whether an "ip:port" is want, or has want as its IP.
-func addrMatches(addr, want string) bool {
-	if addr == want {
+// add reads one parameter.
+func (q *listQuery) add(key, v string) error {
+	switch key {
+	case "state":
+		s, err := layer4chain.ParseState(v)
+		if err != nil {
+			return apiError(http.StatusBadRequest, "filter state: %v", err)
+		}
+		q.states = append(q.states, s)
+	case "upstream":
+		q.upstreams = append(q.upstreams, v)
+	case "chain_id":
+		q.chainIDs = append(q.chainIDs, v)
+	case "client":
+		if ap, err := netip.ParseAddrPort(v); err == nil {
+			q.ports = append(q.ports, netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
+		} else if ip, err := netip.ParseAddr(v); err == nil {
+			q.clients = append(q.clients, netip.PrefixFrom(ip.Unmap(), ip.Unmap().BitLen()))
+		} else if p, err := netip.ParsePrefix(v); err == nil {
+			if p.Addr().Is4In6() {
+				p = netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0))
+			}
+			q.clients = append(q.clients, p.Masked())
+		} else {
+			return apiError(http.StatusBadRequest, "filter client: %q is neither an IP, an IP:port nor a CIDR", v)
+		}
+	case "limit":
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > MaxListLimit {
+			return apiError(http.StatusBadRequest, "limit: %q is not an integer from 1 to %d", v, MaxListLimit)
+		}
+		q.limit = n
+	case "after":
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return apiError(http.StatusBadRequest, "after: %q is not a connection id (an integer from 0)", v)
+		}
+		q.after = n
+	default:
+		return apiError(http.StatusBadRequest, "unknown parameter %q (want state, upstream, client, chain_id, limit or after)", key)
+	}
+	return nil
+}
+
+// match says whether a record passes every filter. A client filter matches
+// the socket peer or the original client.
+func (q *listQuery) match(info layer4chain.RecordInfo) bool {
+	return (len(q.states) == 0 || slices.Contains(q.states, info.State)) &&
+		(len(q.upstreams) == 0 || slices.Contains(q.upstreams, info.Upstream)) &&
+		(len(q.chainIDs) == 0 || slices.Contains(q.chainIDs, info.ChainID)) &&
+		(len(q.clients)+len(q.ports) == 0 || q.clientMatches(info.Client) || q.clientMatches(info.OriginalClient))
+}
+
+// clientMatches says whether an "ip:port" is one of the addresses asked
+// for, or has its IP in one of the prefixes.
+func (q *listQuery) clientMatches(addr string) bool {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return false
+	}
+	ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	if slices.Contains(q.ports, ap) {
 		return true
 	}
-	ap, err := netip.ParseAddrPort(addr)
-	return err == nil && ap.Addr().Unmap().String() == want
+	return slices.ContainsFunc(q.clients, func(p netip.Prefix) bool { return p.Contains(ap.Addr()) })
 }
 
 func allowMethods(r *http.Request, methods ...string) error {

@@ -1,0 +1,474 @@
+package modules
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/spf13/cobra"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain"
+)
+
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "layer4chain",
+		Usage: "list|show|kill|stats|upstreams|trace",
+		Short: "Shows the connections of layer4chain hops through their admin APIs",
+		Long: `
+Talks to the layer4chain admin API of running Caddy processes (the hops of a
+chain): lists their connections, shows or closes one, prints the counts and the
+upstreams, and follows one connection across every hop by its chain ID.
+
+--admin is the admin address to ask (default: Caddy's, localhost:2019 unless
+the CADDY_ADMIN environment variable says otherwise); trace takes it once per
+hop. --json prints what the admin API answers, for scripts; without it the
+output is a table.
+
+Exit status: 0 on success; 1 when the admin API cannot be reached or answers an
+error, when show or kill find no such connection, and when trace finds the
+chain ID on no hop.
+`,
+		CobraFunc: cliCommands,
+	})
+}
+
+// listPageSize is how many records `list` asks for per request.
+const listPageSize = 1000
+
+// cliCommands adds the subcommands to the `caddy layer4chain` command.
+func cliCommands(root *cobra.Command) {
+	root.AddCommand(
+		cliCommand(&cobra.Command{
+			Use:   "list [--state S] [--upstream U] [--client C] [--chain-id ID] [--admin ADDR] [--json]",
+			Short: "Lists the live connections of one hop",
+			Long: `Lists the live connections of one hop, in ID order. Each filter may be
+repeated: values of one filter are alternatives, different filters must all
+match. --client takes an IP, an IP:port or a CIDR and matches the socket peer
+or the original client.`,
+			Args: cobra.NoArgs,
+		}, runList, "state", "upstream", "client", "chain-id"),
+		cliCommand(&cobra.Command{
+			Use:   "show ID [--admin ADDR] [--json]",
+			Short: "Shows one connection, with the kernel's view of its sockets",
+			Args:  cobra.ExactArgs(1),
+		}, runShow),
+		cliCommand(&cobra.Command{
+			Use:   "kill ID [--admin ADDR] [--json]",
+			Short: "Closes one connection (close reason admin)",
+			Args:  cobra.ExactArgs(1),
+		}, runKill),
+		cliCommand(&cobra.Command{
+			Use:   "stats [--admin ADDR] [--json]",
+			Short: "Prints the counts: connections by state, closes by reason, failures, bytes",
+			Args:  cobra.NoArgs,
+		}, runStats),
+		cliCommand(&cobra.Command{
+			Use:   "upstreams [--admin ADDR] [--json]",
+			Short: "Lists the upstreams of the loaded configs with their health",
+			Args:  cobra.NoArgs,
+		}, runUpstreams),
+		cliCommand(&cobra.Command{
+			Use:   "trace CHAIN_ID --admin ADDR [--admin ADDR ...] [--json]",
+			Short: "Follows one connection across hops by its chain ID",
+			Long: `Asks every given admin API, at once, for the connections carrying the chain
+ID and prints the path hop by hop, ordered by hop number: the client, each
+hop's connection (admin address, listener, state, bytes up and down, age,
+upstream, close reason) and the backend, the last hop's upstream. Exit status 1
+when no hop has the chain ID.`,
+			Args: cobra.ExactArgs(1),
+		}, runTrace),
+	)
+}
+
+// cliRun runs one subcommand; out is where it prints.
+type cliRun func(cmd *cobra.Command, args []string, out io.Writer) error
+
+// cliCommand gives a subcommand its flags (--admin, --json and the
+// repeatable filters named) and its run function.
+func cliCommand(cmd *cobra.Command, run cliRun, filters ...string) *cobra.Command {
+	if cmd.Name() == "trace" {
+		cmd.Flags().StringArray("admin", []string{caddy.DefaultAdminListen}, "admin API address of a hop (repeat for each hop)")
+	} else {
+		cmd.Flags().String("admin", caddy.DefaultAdminListen, "admin API address")
+	}
+	cmd.Flags().Bool("json", false, "print JSON (the admin API's field names) instead of a table")
+	for _, f := range filters {
+		cmd.Flags().StringArray(f, nil, "only connections with this "+strings.ReplaceAll(f, "-", " ")+" (repeatable: any of them)")
+	}
+	cmd.SilenceUsage = true // a failed request is no usage error
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		return run(cmd, args, cmd.OutOrStdout())
+	}
+	return cmd
+}
+
+// adminRequest sends one request to the admin API at addr (an address as
+// Caddy's admin option takes it) and decodes the JSON answer into v. Every
+// error names the admin address.
+func adminRequest(addr, method, uri string, v any) error {
+	resp, err := caddycmd.AdminAPIRequest(addr, method, uri, nil, nil)
+	if err != nil {
+		return fmt.Errorf("admin API %s: %w", addr, err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+		return fmt.Errorf("admin API %s: decoding the answer to %s %s: %w", addr, method, uri, err)
+	}
+	return nil
+}
+
+// listAll pages through GET /layer4chain/connections with the query's
+// filters, limit and after, and returns every matching record.
+func listAll(addr string, filters url.Values) ([]layer4chain.RecordInfo, error) {
+	all := []layer4chain.RecordInfo{}
+	q := url.Values{}
+	for k, v := range filters {
+		q[k] = v
+	}
+	q.Set("limit", strconv.Itoa(listPageSize))
+	for after := uint64(0); ; {
+		q.Set("after", strconv.FormatUint(after, 10))
+		var page []layer4chain.RecordInfo
+		if err := adminRequest(addr, http.MethodGet, "/layer4chain/connections?"+q.Encode(), &page); err != nil {
+			return nil, err
+		}
+		all = append(all, page...)
+		if len(page) < listPageSize {
+			return all, nil
+		}
+		after = page[len(page)-1].ID
+	}
+}
+
+func runList(cmd *cobra.Command, _ []string, out io.Writer) error {
+	filters := url.Values{}
+	for flag, param := range map[string]string{"state": "state", "upstream": "upstream", "client": "client", "chain-id": "chain_id"} {
+		if vs, _ := cmd.Flags().GetStringArray(flag); len(vs) > 0 {
+			filters[param] = vs
+		}
+	}
+	admin, _ := cmd.Flags().GetString("admin")
+	list, err := listAll(admin, filters)
+	if err != nil {
+		return err
+	}
+	if asJSON(cmd) {
+		return printJSON(out, list)
+	}
+	now := time.Now()
+	tw := newTable(out)
+	fmt.Fprintln(tw, "ID\tCHAIN_ID\tHOP\tSTATE\tSERVER\tCLIENT\tUPSTREAM\tUP\tDOWN\tAGE")
+	for _, c := range list {
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", c.ID, dash(c.ChainID), c.Hop, c.State, dash(c.Server),
+			clientOf(c), dash(c.Upstream), c.BytesUp, c.BytesDown, age(c.Started, now))
+	}
+	return tw.Flush()
+}
+
+// connectionID reads a connection ID argument.
+func connectionID(arg string) (uint64, error) {
+	id, err := strconv.ParseUint(arg, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("connection ID %q: want a positive integer", arg)
+	}
+	return id, nil
+}
+
+func runShow(cmd *cobra.Command, args []string, out io.Writer) error {
+	return oneConnection(cmd, args[0], http.MethodGet, out)
+}
+
+func runKill(cmd *cobra.Command, args []string, out io.Writer) error {
+	return oneConnection(cmd, args[0], http.MethodDelete, out)
+}
+
+// oneConnection GETs or DELETEs one connection and prints it.
+func oneConnection(cmd *cobra.Command, arg, method string, out io.Writer) error {
+	id, err := connectionID(arg)
+	if err != nil {
+		return err
+	}
+	admin, _ := cmd.Flags().GetString("admin")
+	var c layer4chain.RecordInfo
+	if err := adminRequest(admin, method, fmt.Sprintf("/layer4chain/connections/%d", id), &c); err != nil {
+		return err
+	}
+	if asJSON(cmd) {
+		return printJSON(out, c)
+	}
+	tw := newTable(out)
+	if method == http.MethodDelete {
+		fmt.Fprintf(tw, "closing connection %d (close reason admin)\n", c.ID)
+	}
+	now := time.Now()
+	rows := [][2]string{
+		{"id", strconv.FormatUint(c.ID, 10)}, {"chain_id", dash(c.ChainID)}, {"hop", strconv.Itoa(c.Hop)},
+		{"state", c.State.String()}, {"server", dash(c.Server)}, {"client", c.Client},
+		{"original_client", dash(c.OriginalClient)}, {"upstream", dash(c.Upstream)},
+		{"started", c.Started.Format(time.RFC3339Nano) + " (" + age(c.Started, now) + " ago)"},
+		{"last_activity", c.LastActivity.Format(time.RFC3339Nano) + " (" + age(c.LastActivity, now) + " ago)"},
+		{"bytes_up", strconv.FormatInt(c.BytesUp, 10)}, {"bytes_down", strconv.FormatInt(c.BytesDown, 10)},
+	}
+	if c.Established != nil {
+		rows = append(rows, [2]string{"established", c.Established.Format(time.RFC3339Nano)})
+	}
+	if c.Reason != "" {
+		rows = append(rows, [2]string{"close", closeOf(c)})
+	}
+	for i, d := range c.FailedDials {
+		rows = append(rows, [2]string{fmt.Sprintf("failed_dial[%d]", i), fmt.Sprintf("%s %s after %v: %s", d.Upstream, d.Reason, d.Duration, d.Error)})
+	}
+	for _, s := range []struct {
+		name string
+		info *layer4chain.SocketInfo
+	}{{"client_socket", c.ClientSocket}, {"upstream_socket", c.UpstreamSocket}} {
+		if s.info != nil {
+			rows = append(rows, [2]string{s.name, fmt.Sprintf("rtt %v, rtt_var %v, retransmits %d, unacked %d",
+				s.info.RTT, s.info.RTTVar, s.info.Retransmits, s.info.Unacked)})
+		}
+	}
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s\t%s\n", r[0], r[1])
+	}
+	return tw.Flush()
+}
+
+func runStats(cmd *cobra.Command, _ []string, out io.Writer) error {
+	admin, _ := cmd.Flags().GetString("admin")
+	var st layer4chain.Stats
+	if err := adminRequest(admin, http.MethodGet, "/layer4chain/stats", &st); err != nil {
+		return err
+	}
+	if asJSON(cmd) {
+		return printJSON(out, st)
+	}
+	tw := newTable(out)
+	var active []string
+	for _, s := range layer4chain.States {
+		active = append(active, fmt.Sprintf("%s=%d", s, st.Active[s]))
+	}
+	fmt.Fprintf(tw, "active_total\t%d\n", st.ActiveTotal)
+	fmt.Fprintf(tw, "active\t%s\n", strings.Join(active, " "))
+	fmt.Fprintf(tw, "connections_total\t%d\n", st.ConnectionsTotal)
+	fmt.Fprintf(tw, "closed\t%s\n", nonZero(st.Closed))
+	fmt.Fprintf(tw, "dial_failures\t%s\n", nonZero(st.DialFailures))
+	fmt.Fprintf(tw, "proxy_protocol_rejected\t%s\n", nonZero(st.ProxyProtocolRejected))
+	fmt.Fprintf(tw, "bytes_up\t%d\n", st.BytesUp)
+	fmt.Fprintf(tw, "bytes_down\t%d\n", st.BytesDown)
+	fmt.Fprintf(tw, "sweeps\t%d\n", st.Sweeps)
+	fmt.Fprintf(tw, "zombies_reaped\t%d\n", st.ZombiesReaped)
+	fmt.Fprintf(tw, "draining\t%t\n", st.Draining)
+	return tw.Flush()
+}
+
+// nonZero prints a count map's non-zero entries as "key=n", sorted, or "-".
+func nonZero[K ~string](m map[K]int64) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		if m[k] != 0 {
+			parts = append(parts, fmt.Sprintf("%s=%d", k, m[k]))
+		}
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, " ")
+}
+
+func runUpstreams(cmd *cobra.Command, _ []string, out io.Writer) error {
+	admin, _ := cmd.Flags().GetString("admin")
+	var list []layer4chain.UpstreamInfo
+	if err := adminRequest(admin, http.MethodGet, "/layer4chain/upstreams", &list); err != nil {
+		return err
+	}
+	if asJSON(cmd) {
+		return printJSON(out, list)
+	}
+	tw := newTable(out)
+	fmt.Fprintln(tw, "ADDRESS\tHEALTH\tACTIVE\tFAILURES\tLAST_ERROR")
+	for _, u := range list {
+		lastErr := dash(u.LastError)
+		if u.LastErrorAt != nil {
+			lastErr += " (" + age(*u.LastErrorAt, time.Now()) + " ago)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\n", u.Address, u.Health, u.ActiveConnections, u.ConsecutiveFailures, lastErr)
+	}
+	return tw.Flush()
+}
+
+// TraceHop is one hop's connection in a trace: the admin API's record and
+// the admin address that reported it.
+type TraceHop struct {
+	// Admin is the admin API address that listed the connection.
+	Admin string `json:"admin"`
+	layer4chain.RecordInfo
+}
+
+// ChainTrace is the path of one chain ID across hops, as `caddy layer4chain
+// trace --json` prints it.
+type ChainTrace struct {
+	// ChainID is the chain ID followed.
+	ChainID string `json:"chain_id"`
+	// Client is the original client, as the first hop found knows it.
+	Client string `json:"client"`
+	// Hops lists the connections found, ordered by hop number.
+	Hops []TraceHop `json:"hops"`
+	// MissingHops lists the hop numbers below the last one found that no
+	// admin API reported.
+	MissingHops []int `json:"missing_hops,omitempty"`
+	// Backend is the last hop's upstream ("" while it is connecting).
+	Backend string `json:"backend"`
+}
+
+// ErrChainNotFound is returned by trace when no hop has the chain ID.
+var ErrChainNotFound = errors.New("chain ID found on no hop")
+
+func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
+	admins, _ := cmd.Flags().GetStringArray("admin")
+	tr, err := TraceChain(args[0], admins)
+	if err != nil {
+		return err
+	}
+	if asJSON(cmd) {
+		return printJSON(out, tr)
+	}
+	now := time.Now()
+	fmt.Fprintf(out, "chain %s\n", tr.ChainID)
+	tw := newTable(out)
+	fmt.Fprintln(tw, "HOP\tADMIN\tSERVER\tID\tSTATE\tUP\tDOWN\tAGE\tUPSTREAM\tCLOSE")
+	fmt.Fprintf(tw, "client\t\t\t\t\t\t\t\t%s\t\n", dash(tr.Client))
+	for i, h := range tr.Hops {
+		for _, m := range tr.MissingHops {
+			if m < h.Hop && (i == 0 || m > tr.Hops[i-1].Hop) {
+				fmt.Fprintf(tw, "%d\t(not found on the admin APIs given)\t\t\t\t\t\t\t\t\n", m)
+			}
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n", h.Hop, h.Admin, dash(h.Server), h.ID, h.State,
+			h.BytesUp, h.BytesDown, age(h.Started, now), dash(h.Upstream), closeOf(h.RecordInfo))
+	}
+	fmt.Fprintf(tw, "backend\t\t\t\t\t\t\t\t%s\t\n", dash(tr.Backend))
+	return tw.Flush()
+}
+
+// TraceChain asks every admin API (addresses as Caddy's admin option takes
+// them) at once for the chain ID's connections and orders what they answer
+// by hop; it is what `caddy layer4chain trace` prints. It fails, naming each, when an admin API
+// cannot be asked, and with ErrChainNotFound when none has the chain ID.
+func TraceChain(chainID string, admins []string) (ChainTrace, error) {
+	if chainID == "" {
+		return ChainTrace{}, errors.New("chain ID: empty")
+	}
+	type answer struct {
+		list []layer4chain.RecordInfo
+		err  error
+	}
+	answers := make([]answer, len(admins))
+	var wg sync.WaitGroup
+	for i, addr := range admins {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var list []layer4chain.RecordInfo
+			err := adminRequest(addr, http.MethodGet, "/layer4chain/connections?chain_id="+url.QueryEscape(chainID), &list)
+			answers[i] = answer{list, err}
+		}()
+	}
+	wg.Wait()
+	tr := ChainTrace{ChainID: chainID, Hops: []TraceHop{}}
+	var errs []error
+	for i, a := range answers {
+		if a.err != nil {
+			errs = append(errs, a.err)
+			continue
+		}
+		for _, info := range a.list {
+			tr.Hops = append(tr.Hops, TraceHop{Admin: admins[i], RecordInfo: info})
+		}
+	}
+	if len(errs) > 0 {
+		return ChainTrace{}, errors.Join(errs...)
+	}
+	if len(tr.Hops) == 0 {
+		return ChainTrace{}, fmt.Errorf("%w: %s (asked %s)", ErrChainNotFound, chainID, strings.Join(admins, ", "))
+	}
+	// Stable: hops with one number (a chain through one process twice)
+	// keep the order of the admin addresses given.
+	slices.SortStableFunc(tr.Hops, func(a, b TraceHop) int { return cmp.Compare(a.Hop, b.Hop) })
+	first, last := tr.Hops[0], tr.Hops[len(tr.Hops)-1]
+	tr.Client = clientOf(first.RecordInfo)
+	tr.Backend = last.Upstream
+	for n, i := 1, 0; n < last.Hop; n++ {
+		for i < len(tr.Hops) && tr.Hops[i].Hop < n {
+			i++
+		}
+		if tr.Hops[i].Hop != n {
+			tr.MissingHops = append(tr.MissingHops, n)
+		}
+	}
+	return tr, nil
+}
+
+// clientOf is the connection's original client, or its socket peer when
+// no PROXY header told one.
+func clientOf(c layer4chain.RecordInfo) string {
+	if c.OriginalClient != "" {
+		return c.OriginalClient
+	}
+	return c.Client
+}
+
+// closeOf is "reason: detail", or "-" while the connection lives.
+func closeOf(c layer4chain.RecordInfo) string {
+	switch {
+	case c.Reason == "":
+		return "-"
+	case c.Detail == "":
+		return string(c.Reason)
+	}
+	return string(c.Reason) + ": " + c.Detail
+}
+
+// age is how long ago t was, rounded for people.
+func age(t, now time.Time) string {
+	d := now.Sub(t)
+	if d < time.Second {
+		return d.Round(time.Millisecond).String()
+	}
+	return d.Round(time.Second).String()
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func asJSON(cmd *cobra.Command) bool {
+	v, _ := cmd.Flags().GetBool("json")
+	return v
+}
+
+func printJSON(out io.Writer, v any) error {
+	enc := json.NewEncoder(out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newTable(out io.Writer) *tabwriter.Writer {
+	return tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+}

@@ -772,7 +772,7 @@ func FuzzProxyAcceptor(f *testing.F) {
 			return
 		}
 
-		again, err := (ProxyHeader{Version: 2, Source: info.Source, Destination: info.Destination, ChainID: info.ChainID, Hops: info.Hops, Authority: info.Authority, TLVs: info.TLVs}).AppendTo(nil)
+		again, err := (ProxyHeader{Version: 2, Source: info.Source, Destination: info.Destination, ChainID: info.ChainID, Hops: info.Hops, Authority: info.Authority, TraceParent: info.TraceParent, TLVs: info.TLVs}).AppendTo(nil)
 		if err != nil {
 			t.Fatalf("re-encoding %+v: %v", info, err)
 		}

@@ -104,8 +104,10 @@ func reportSuppressedRefusals() {
 	}
 }
 
-// StateChanged writes a debug line per state change.
+// StateChanged writes a debug line per state change and adds it to the
+// connection's span, if traced.
 func (observer) StateChanged(r *layer4chain.Record, from, to layer4chain.State) {
+	spanStateChanged(r, to)
 	if ce := logger().Check(zap.DebugLevel, "state changed"); ce != nil {
 		ce.Write(zap.Uint64("id", r.ID), zap.String("from", from.String()), zap.String("to", to.String()))
 	}
@@ -137,9 +139,10 @@ func (observer) Swept(res layer4chain.SweepResult) {
 	}
 }
 
-// Closed writes the access-log line of a closed connection and observes its
-// duration.
+// Closed ends the connection's span, if traced, writes the access-log line
+// of a closed connection and observes its duration.
 func (observer) Closed(r *layer4chain.Record) {
+	endSpan(r)
 	metrics.connectionDuration.Observe(time.Since(r.Started).Seconds())
 	ce := logger().Check(zap.InfoLevel, "connection closed")
 	if ce == nil {

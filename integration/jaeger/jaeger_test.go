@@ -172,13 +172,16 @@ exporters:
 }
 
 // hopConfig is one hop's Caddy config: listen on listen, proxy to
-// upstream with a PROXY v2 header, accept one from loopback peers unless
-// it is the first hop, and trace every chain.
-func hopConfig(admin, listen, upstream string, first bool) string {
+// upstream with a PROXY v2 header unless it is the last hop (the backend
+// speaks no PROXY protocol), accept one from loopback peers unless it is
+// the first hop, and trace every chain.
+func hopConfig(admin, listen, upstream string, first, last bool) string {
 	handler := map[string]any{
-		"handler":        "chain",
-		"upstreams":      []any{map[string]any{"dial": []string{upstream}}},
-		"proxy_protocol": "v2",
+		"handler":   "chain",
+		"upstreams": []any{map[string]any{"dial": []string{upstream}}},
+	}
+	if !last {
+		handler["proxy_protocol"] = "v2"
 	}
 	if !first {
 		handler["accept_proxy_protocol"] = map[string]any{"allow": []string{"127.0.0.1/32"}}
@@ -293,7 +296,7 @@ func TestThreeHopChainIsOneTraceInJaeger(t *testing.T) {
 			upstream = listen[i+1]
 		}
 		cfg := filepath.Join(t.TempDir(), "caddy.json")
-		if err := os.WriteFile(cfg, []byte(hopConfig(admins[i], listen[i], upstream, i == 0)), 0o644); err != nil {
+		if err := os.WriteFile(cfg, []byte(hopConfig(admins[i], listen[i], upstream, i == 0, i == 2)), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		home := t.TempDir()

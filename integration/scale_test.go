@@ -148,7 +148,7 @@ func TestThreeHopChainAtScale(t *testing.T) {
 
 	idleRSS := make([]int, len(hops))
 	for i, h := range hops {
-		idleRSS[i] = rssKiB(t, h.pid)
+		idleRSS[i] = int(rssKiB([]int{h.pid}))
 	}
 
 	// Hold n clients, each established through all three hops (its byte
@@ -266,7 +266,7 @@ func TestThreeHopChainAtScale(t *testing.T) {
 	cliTook := time.Since(cliStart)
 	rss := make([]int, len(hops))
 	for i, h := range hops {
-		rss[i] = rssKiB(t, h.pid)
+		rss[i] = int(rssKiB([]int{h.pid}))
 	}
 	endChurn()
 

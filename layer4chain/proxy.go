@@ -56,6 +56,8 @@ type Proxy struct {
 	// Dialer.TryInterval) for this long when none connects or none is
 	// available, instead of closing the client after one pass.
 	TryDuration time.Duration
+	// Tracer, if set, makes a span of each connection (see trace.go).
+	Tracer Tracer
 
 	parkAfter time.Duration // if set, replaces defaultParkAfter (tests)
 }
@@ -207,6 +209,9 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		o.authority = meta.SNI
 	}
 	p.Tracker.setOrigin(r, o.chainID, o.hops+1, o.client)
+	if p.Tracer != nil {
+		p.startSpan(r, &o)
+	}
 	if err := p.Tracker.admitClient(r, p.Limits.MaxConnectionsPerClient, o.client.Addr()); err != nil {
 		r.setDetail(err)
 		return nil, ReasonLimitExceeded
@@ -310,6 +315,8 @@ type origin struct {
 	tlvs      []proxyproto.TLV     // received TLVs listed in ForwardTLVs
 	session   *tls.ConnectionState // the client's TLS session, if this hop terminated it
 	viaHop    bool                 // a trusted hop's header told the origin
+	parent    TraceParent          // the previous hop's span, if it sent one
+	next      TraceParent          // this hop's span, to send upstream
 }
 
 // readOrigin reads the PROXY header, if this hop accepts them, and returns
@@ -371,7 +378,7 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 	// terminated is the link from that hop, not the client's, and its
 	// server name is the link's. Only the header speaks for the client.
 	o.viaHop, o.session = true, nil
-	o.chainID, o.hops, o.authority = info.ChainID, info.Hops, info.Authority
+	o.chainID, o.hops, o.authority, o.parent = info.ChainID, info.Hops, info.Authority, info.TraceParent
 	r.setSNI(info.Authority)
 	for _, t := range info.TLVs {
 		if slices.Contains(p.ForwardTLVs, byte(t.Type)) {
@@ -392,7 +399,7 @@ func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte)
 	first := pending
 	if p.EmitVersion != 0 {
 		hdr := ProxyHeader{Version: p.EmitVersion, Source: o.client, Destination: o.dest,
-			ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority, CRC32C: p.EmitCRC32C}
+			ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority, CRC32C: p.EmitCRC32C, TraceParent: o.next}
 		if p.EmitVersion == 2 {
 			hdr.TLVs = headerTLVs(o)
 		}

@@ -76,12 +76,15 @@ type ProxyInfo struct {
 	Hops int
 	// Authority is PP2_TYPE_AUTHORITY (the SNI the client asked for), "" when absent.
 	Authority string
+	// TraceParent is the TLVTrace value (the previous hop's span), the
+	// zero value when absent.
+	TraceParent TraceParent
 	// Local is set for the LOCAL command, v1 UNKNOWN or v2 PROXY over
 	// UNSPEC: the header carries no client address, and the caller should
 	// use the socket's peer. TLVs are honoured all the same.
 	Local bool
 	// TLVs are the v2 header's other TLVs (all but the unique ID, the
-	// authority, the hop count and the CRC32C, which are decoded or
+	// authority, the hop count, the trace parent and the CRC32C, which are decoded or
 	// verified above, and NOOP padding), in the order received; nil for v1. They are bounded
 	// by the header's size (at most 64 KiB) and share no memory with the
 	// connection's buffers.
@@ -107,6 +110,8 @@ type ProxyHeader struct {
 	Hops int
 	// Authority is sent as PP2_TYPE_AUTHORITY (v2 only; omitted when "").
 	Authority string
+	// TraceParent is sent as TLVTrace (v2 only; omitted when not valid).
+	TraceParent TraceParent
 	// TLVs are sent after the ones above, in order (v2 only): TLVs
 	// forwarded from the previous hop and those describing a TLS session.
 	// The types this hop generates itself (IsGeneratedTLV) are refused.
@@ -118,11 +123,11 @@ type ProxyHeader struct {
 
 // IsGeneratedTLV reports whether a TLV type is one that ProxyHeader sends
 // from its own fields: the unique ID (chain ID), the authority, the hop
-// count and the CRC32C. Such a type cannot be forwarded from a previous
+// count, the trace parent and the CRC32C. Such a type cannot be forwarded from a previous
 // hop, or the next hop would receive it twice.
 func IsGeneratedTLV(t byte) bool {
 	switch proxyproto.PP2Type(t) {
-	case proxyproto.PP2_TYPE_UNIQUE_ID, proxyproto.PP2_TYPE_AUTHORITY, proxyproto.PP2_TYPE_CRC32C, TLVHops:
+	case proxyproto.PP2_TYPE_UNIQUE_ID, proxyproto.PP2_TYPE_AUTHORITY, proxyproto.PP2_TYPE_CRC32C, TLVHops, TLVTrace:
 		return true
 	}
 	return false
@@ -136,8 +141,8 @@ const crcLen = 4
 
 // AppendTo appends the encoded header to dst, so the caller can put it in
 // front of the first payload bytes and send both in one write (the spec asks
-// senders to send the header at once). The fields ChainID, Hops and Authority
-// are ignored for version 1, which has no TLVs. On error dst is returned
+// senders to send the header at once). The fields ChainID, Hops, Authority
+// and TraceParent are ignored for version 1, which has no TLVs. On error dst is returned
 // unchanged.
 //
 // Families are reconciled because a header has a single family: an
@@ -174,8 +179,9 @@ func (h ProxyHeader) AppendTo(dst []byte) ([]byte, error) {
 
 	if h.Version == 2 {
 		// A fixed array keeps the common case off the heap; JoinTLVs only reads it.
-		var arr [4]proxyproto.TLV
+		var arr [5]proxyproto.TLV
 		var hops [1]byte
+		var trace [traceParentLen]byte
 		var crc [crcLen]byte
 		tlvs := arr[:0]
 		if h.ChainID != "" {
@@ -187,6 +193,9 @@ func (h ProxyHeader) AppendTo(dst []byte) ([]byte, error) {
 		if h.Hops != 0 {
 			hops[0] = byte(h.Hops)
 			tlvs = append(tlvs, proxyproto.TLV{Type: TLVHops, Value: hops[:]})
+		}
+		if h.TraceParent.IsValid() {
+			tlvs = append(tlvs, proxyproto.TLV{Type: TLVTrace, Value: h.TraceParent.appendValue(trace[:0])})
 		}
 		tlvs = append(tlvs, h.TLVs...)
 		if h.CRC32C {
@@ -675,7 +684,7 @@ func decodeHeader(hdr []byte) (*ProxyInfo, error) {
 	for _, t := range tlvs {
 		off -= 3 + len(t.Value)
 	}
-	var seenID, seenAuth, seenHops, seenCRC bool
+	var seenID, seenAuth, seenHops, seenTrace, seenCRC bool
 	for _, t := range tlvs {
 		valueAt := off + 3
 		off = valueAt + len(t.Value)
@@ -711,6 +720,17 @@ func decodeHeader(hdr []byte) (*ProxyInfo, error) {
 				return nil, errBadHops
 			}
 			seenHops, info.Hops = true, int(t.Value[0])
+		case TLVTrace:
+			// Like the hop count: a second parent would make the trace
+			// ambiguous.
+			if seenTrace {
+				return nil, fmt.Errorf("%w: trace parent", errDuplicateTLV)
+			}
+			p, err := parseTraceParent(t.Value)
+			if err != nil {
+				return nil, err
+			}
+			seenTrace, info.TraceParent = true, p
 		case proxyproto.PP2_TYPE_NOOP:
 			// Padding: nothing to keep or forward.
 		default:

@@ -64,7 +64,8 @@ func firstTLV(tlvs []proxyproto.TLV, typ proxyproto.PP2Type) ([]byte, bool) {
 //     overlaps the header and loses no payload byte;
 //   - our decoding agrees with go-proxyproto's: we accept what it accepts,
 //     except for the refusals the chain needs (a chain ID over 128 bytes, a
-//     hop count that is not one byte, a duplicate chain TLV), and it accepts
+//     hop count that is not one byte, a trace parent that is not 9 bytes
+//     with a non-zero span ID, a duplicate chain TLV), and it accepts
 //     what we accept, except PROXY over UNSPEC, which we take as LOCAL.
 func FuzzAcceptV2TLVs(f *testing.F) {
 	ipv4 := []byte{198, 51, 100, 7, 203, 0, 113, 9, 0x9c, 0x40, 0x01, 0xbb}
@@ -76,7 +77,11 @@ func FuzzAcceptV2TLVs(f *testing.F) {
 	for _, tlvs := range [][]byte{
 		nil,
 		cat(tlv(0x05, []byte("chain-1")...), tlv(0xE0, 3), tlv(0x02, []byte("example.com")...)),
-		cat(tlv(0x01, []byte("h2")...), ssl, tlv(0x03, 0, 0, 0, 0), tlv(0x04), tlv(0x30, []byte("ns")...), tlv(0xE1, 1, 2)),
+		cat(tlv(0x01, []byte("h2")...), ssl, tlv(0x03, 0, 0, 0, 0), tlv(0x04), tlv(0x30, []byte("ns")...), tlv(0xE5, 1, 2)),
+		cat(tlv(0x05, []byte("0123456789abcdef0123456789abcdef")...), tlv(0xE0, 1), tlv(0xE1, 1, 2, 3, 4, 5, 6, 7, 8, 1)),
+		tlv(0xE1, 1, 2, 3, 4, 5, 6, 7, 8),
+		tlv(0xE1, 0, 0, 0, 0, 0, 0, 0, 0, 1),
+		cat(tlv(0xE1, 1, 2, 3, 4, 5, 6, 7, 8, 1), tlv(0xE1, 1, 2, 3, 4, 5, 6, 7, 8, 0)),
 		cat(tlv(0x05, []byte("a")...), tlv(0x05, []byte("b")...)),
 		tlv(0xE0, 1, 2),
 		tlv(0x05, bytes.Repeat([]byte{'x'}, 129)...),
@@ -132,6 +137,7 @@ func FuzzAcceptV2TLVs(f *testing.F) {
 			t.Fatalf("we accepted %+v, go-proxyproto refuses the header: %v", info, libErr)
 		case info == nil && libErr == nil &&
 			!errors.Is(err, errChainIDTooLong) && !errors.Is(err, errBadHops) && !errors.Is(err, errDuplicateTLV) &&
+			!errors.Is(err, errBadTraceParent) &&
 			!errors.Is(err, errBadCRC): // go-proxyproto does not check the CRC32C
 			t.Fatalf("go-proxyproto accepts the header, we refused it: %v", err)
 		}
@@ -153,6 +159,9 @@ func FuzzAcceptV2TLVs(f *testing.F) {
 		if auth, _ := firstTLV(libTLVs, proxyproto.PP2_TYPE_AUTHORITY); string(auth) != info.Authority {
 			t.Fatalf("authority %q, go-proxyproto reads %q", info.Authority, auth)
 		}
+		if tp, ok := firstTLV(libTLVs, TLVTrace); ok != info.TraceParent.IsValid() || (ok && string(tp) != string(info.TraceParent.appendValue(nil))) {
+			t.Fatalf("trace parent %+v, go-proxyproto reads %x (present %v)", info.TraceParent, tp, ok)
+		}
 		if !info.Local {
 			sip, _, _ := lib.IPs()
 			sport, _, _ := lib.Ports()
@@ -166,24 +175,24 @@ func FuzzAcceptV2TLVs(f *testing.F) {
 
 // FuzzProxyHeaderRoundTrip encodes arbitrary headers with AppendTo and
 // decodes them with go-proxyproto and with Accept: both must read back the
-// source, destination, chain ID, hop count and authority that were sent,
+// source, destination, chain ID, hop count, authority and trace parent that were sent,
 // after the documented reconciliation (IPv4-mapped addresses unmapped,
 // zones dropped, a missing destination sent as the unspecified address of
 // the source's family). AppendTo may refuse only what it documents.
 func FuzzProxyHeaderRoundTrip(f *testing.F) {
 	v4, v6 := []byte{198, 51, 100, 7}, netip.MustParseAddr("2001:db8::9").AsSlice()
 	mapped := netip.AddrFrom16(netip.MustParseAddr("203.0.113.9").As16()).AsSlice()
-	f.Add(uint8(2), v4, uint16(40000), []byte{203, 0, 113, 9}, uint16(443), "", "chain-1", 2, "example.com")
-	f.Add(uint8(2), v4, uint16(40000), v6, uint16(443), "", "mixed", 255, "")
-	f.Add(uint8(2), mapped, uint16(1), v4, uint16(2), "", "", 0, "")
-	f.Add(uint8(2), v6, uint16(1), []byte(nil), uint16(0), "eth0", "zoned", 1, "a.example")
-	f.Add(uint8(2), []byte(nil), uint16(0), []byte(nil), uint16(0), "", "local", 1, "")
-	f.Add(uint8(1), v4, uint16(40000), v6, uint16(443), "", "", 0, "")
-	f.Add(uint8(1), []byte(nil), uint16(0), []byte(nil), uint16(0), "", "", 0, "")
-	f.Add(uint8(2), v4, uint16(1), v4, uint16(2), "", string(bytes.Repeat([]byte{'x'}, 129)), 256, "")
-	f.Add(uint8(3), v4, uint16(1), v4, uint16(2), "", "", -1, "")
+	f.Add(uint8(2), v4, uint16(40000), []byte{203, 0, 113, 9}, uint16(443), "", "chain-1", 2, "example.com", uint64(0), byte(0))
+	f.Add(uint8(2), v4, uint16(40000), v6, uint16(443), "", "mixed", 255, "", uint64(0x0102030405060708), byte(1))
+	f.Add(uint8(2), mapped, uint16(1), v4, uint16(2), "", "", 0, "", uint64(1), byte(0))
+	f.Add(uint8(2), v6, uint16(1), []byte(nil), uint16(0), "eth0", "zoned", 1, "a.example", uint64(0), byte(1))
+	f.Add(uint8(2), []byte(nil), uint16(0), []byte(nil), uint16(0), "", "local", 1, "", uint64(0), byte(0))
+	f.Add(uint8(1), v4, uint16(40000), v6, uint16(443), "", "", 0, "", uint64(7), byte(1))
+	f.Add(uint8(1), []byte(nil), uint16(0), []byte(nil), uint16(0), "", "", 0, "", uint64(0), byte(0))
+	f.Add(uint8(2), v4, uint16(1), v4, uint16(2), "", string(bytes.Repeat([]byte{'x'}, 129)), 256, "", uint64(0), byte(0))
+	f.Add(uint8(3), v4, uint16(1), v4, uint16(2), "", "", -1, "", uint64(0), byte(0))
 
-	f.Fuzz(func(t *testing.T, version uint8, srcIP []byte, sport uint16, dstIP []byte, dport uint16, zone, chainID string, hops int, authority string) {
+	f.Fuzz(func(t *testing.T, version uint8, srcIP []byte, sport uint16, dstIP []byte, dport uint16, zone, chainID string, hops int, authority string, spanID uint64, flags byte) {
 		addrPort := func(ip []byte, port uint16) netip.AddrPort {
 			a, ok := netip.AddrFromSlice(ip)
 			if !ok {
@@ -194,15 +203,18 @@ func FuzzProxyHeaderRoundTrip(f *testing.F) {
 			}
 			return netip.AddrPortFrom(a, port)
 		}
+		var parent TraceParent
+		binary.BigEndian.PutUint64(parent.SpanID[:], spanID)
+		parent.Flags = flags
 		h := ProxyHeader{Version: int(version), Source: addrPort(srcIP, sport), Destination: addrPort(dstIP, dport),
-			ChainID: chainID, Hops: hops, Authority: authority}
+			ChainID: chainID, Hops: hops, Authority: authority, TraceParent: parent}
 
 		prefix := []byte("payload before")
 		out, err := h.AppendTo(bytes.Clone(prefix))
 		refusable := (h.Version != 1 && h.Version != 2) ||
 			(h.Version == 2 && (len(chainID) > maxChainIDLen || hops < 0 || hops > 255 ||
-				// addresses and TLV framing take under 64 bytes
-				len(authority)+len(chainID) > int(proxyproto.MaxV2HeaderSize)-64))
+				// addresses, the trace parent and TLV framing take under 80 bytes
+				len(authority)+len(chainID) > int(proxyproto.MaxV2HeaderSize)-80))
 		if err != nil {
 			if !refusable {
 				t.Fatalf("AppendTo refused %+v: %v", h, err)
@@ -237,6 +249,9 @@ func FuzzProxyHeaderRoundTrip(f *testing.F) {
 		}
 		if h.Version == 2 {
 			want.ChainID, want.Hops, want.Authority = chainID, hops, authority
+			if parent.IsValid() {
+				want.TraceParent = parent
+			}
 		}
 
 		// go-proxyproto reads what was sent.
@@ -268,6 +283,7 @@ func FuzzProxyHeaderRoundTrip(f *testing.F) {
 			{proxyproto.PP2_TYPE_UNIQUE_ID, want.ChainID, want.ChainID != ""},
 			{proxyproto.PP2_TYPE_AUTHORITY, want.Authority, want.Authority != ""},
 			{TLVHops, string([]byte{byte(want.Hops)}), want.Hops != 0},
+			{TLVTrace, string(want.TraceParent.appendValue(nil)), want.TraceParent.IsValid()},
 		} {
 			got, ok := firstTLV(tlvs, sent.typ)
 			if ok != sent.set || (ok && string(got) != sent.value) {

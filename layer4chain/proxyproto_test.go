@@ -264,10 +264,10 @@ func TestAcceptForeignHeaders(t *testing.T) {
 		{"v2 other TLVs kept in order", libHeader(t, 2, tcp4Src, tcp4Dst,
 			proxyproto.TLV{Type: proxyproto.PP2_TYPE_ALPN, Value: []byte("h2")},
 			proxyproto.TLV{Type: proxyproto.PP2_TYPE_NOOP, Value: []byte{0, 0}},
-			proxyproto.TLV{Type: TLVHops + 1, Value: []byte{1, 2, 3}},
+			proxyproto.TLV{Type: 0xE5, Value: []byte{1, 2, 3}},
 			proxyproto.TLV{Type: TLVHops, Value: []byte{7}}),
 			&ProxyInfo{Source: netip.MustParseAddrPort("198.51.100.7:40000"), Destination: netip.MustParseAddrPort("203.0.113.9:443"), Hops: 7,
-				TLVs: []proxyproto.TLV{{Type: proxyproto.PP2_TYPE_ALPN, Value: []byte("h2")}, {Type: TLVHops + 1, Value: []byte{1, 2, 3}}}}},
+				TLVs: []proxyproto.TLV{{Type: proxyproto.PP2_TYPE_ALPN, Value: []byte("h2")}, {Type: 0xE5, Value: []byte{1, 2, 3}}}}},
 		{"v1 UNKNOWN with addresses", []byte("PROXY UNKNOWN 1.2.3.4 5.6.7.8 1 2\r\n"), &ProxyInfo{Local: true}},
 		// PROXY over UNSPEC is v2's "PROXY UNKNOWN": the sender does not
 		// know the client, and the spec lets the receiver use the socket's
@@ -772,7 +772,7 @@ func FuzzProxyAcceptor(f *testing.F) {
 			return
 		}
 
-		again, err := (ProxyHeader{Version: 2, Source: info.Source, Destination: info.Destination, ChainID: info.ChainID, Hops: info.Hops, Authority: info.Authority, TLVs: info.TLVs}).AppendTo(nil)
+		again, err := (ProxyHeader{Version: 2, Source: info.Source, Destination: info.Destination, ChainID: info.ChainID, Hops: info.Hops, Authority: info.Authority, TraceParent: info.TraceParent, TLVs: info.TLVs}).AppendTo(nil)
 		if err != nil {
 			t.Fatalf("re-encoding %+v: %v", info, err)
 		}

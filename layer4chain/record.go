@@ -38,6 +38,7 @@ type Record struct {
 
 	tracker *Tracker
 	scope   *scope
+	span    any // Proxy.Tracer's handle; set once, before the record is established
 
 	established atomic.Int64 // unix nanoseconds; 0 until established
 	bytesUp     atomic.Int64 // client → upstream

@@ -221,7 +221,7 @@ func TestCorruptedCRC32CIsRejectedAsMalformed(t *testing.T) {
 // The types a header generates itself cannot be given as extra TLVs: the
 // next hop would receive them twice.
 func TestAppendToRefusesGeneratedTLVs(t *testing.T) {
-	for _, typ := range []proxyproto.PP2Type{proxyproto.PP2_TYPE_UNIQUE_ID, proxyproto.PP2_TYPE_AUTHORITY, proxyproto.PP2_TYPE_CRC32C, TLVHops} {
+	for _, typ := range []proxyproto.PP2Type{proxyproto.PP2_TYPE_UNIQUE_ID, proxyproto.PP2_TYPE_AUTHORITY, proxyproto.PP2_TYPE_CRC32C, TLVHops, TLVTrace} {
 		_, err := ProxyHeader{Version: 2, TLVs: []proxyproto.TLV{{Type: typ, Value: []byte{1}}}}.AppendTo(nil)
 		if err == nil || !IsGeneratedTLV(byte(typ)) {
 			t.Fatalf("TLV 0x%02X given as extra: err %v", byte(typ), err)

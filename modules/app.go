@@ -60,7 +60,13 @@ type App struct {
 	// limit off.
 	MaxConnections int `json:"max_connections,omitempty"`
 
+	// Tracing, if set, makes an OpenTelemetry span of every proxied
+	// connection, exported as the OTEL_* environment variables say.
+	// Default (absent): off.
+	Tracing *Tracing `json:"tracing,omitempty"`
+
 	tracker  *layer4chain.Tracker
+	tracer   layer4chain.Tracer // nil unless Tracing is set; see tracing.go
 	ctx      caddy.Context
 	starters []func() (stop func()) // the handlers' health checks
 	stops    []func()
@@ -113,6 +119,16 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.ShutdownGrace = caddy.Duration(resolveDuration(a.ShutdownGrace, defaultShutdownGrace))
 	a.limit = a.connectionLimit()
 	a.tracker = processTracker()
+	if a.Tracing != nil {
+		if err := a.Tracing.check(); err != nil {
+			return err
+		}
+		tracer, err := acquireTracer(ctx, a.Tracing.sampleRatio())
+		if err != nil {
+			return err
+		}
+		a.tracer = tracer
+	}
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
 	}
@@ -261,6 +277,17 @@ func (a *App) Stop() error {
 	return nil
 }
 
+// Cleanup gives back the app's reference to the tracer provider: the last
+// app with tracing to be unloaded flushes and shuts it down. Caddy calls it
+// after Stop, and when Provision failed.
+func (a *App) Cleanup() error {
+	if a.tracer == nil {
+		return nil
+	}
+	a.tracer = nil
+	return releaseTracer()
+}
+
 // unbind stops the listening sockets of the layer4 app, so that, whatever
 // order Caddy stops its apps in, a drain never accepts a connection only to
 // refuse it: with SO_REUSEPORT a replacement process on the same port gets
@@ -333,6 +360,7 @@ func connectionLimitMetric(max int64) float64 {
 
 // Interface guards
 var (
-	_ caddy.App         = (*App)(nil)
-	_ caddy.Provisioner = (*App)(nil)
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
 )

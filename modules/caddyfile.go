@@ -225,6 +225,9 @@ var proxyOptionsNotYet = map[string]string{
 //		sweep_interval <duration>
 //		shutdown_grace <duration>
 //		max_connections <n>|off
+//		tracing [{
+//			sample_ratio <0..1>
+//		}]
 //	}
 //
 // into apps.layer4chain. `off` adapts to -1, which switches the limit off.
@@ -243,6 +246,7 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 		"sweep_interval":  chaincaddyfile.NotOff(whySweepIntervalOn, chaincaddyfile.Duration(&app.SweepInterval)),
 		"shutdown_grace":  chaincaddyfile.NotOff(whyShutdownGraceOn, chaincaddyfile.Duration(&app.ShutdownGrace)),
 		"max_connections": chaincaddyfile.IntOrOff(&app.MaxConnections),
+		"tracing":         parseTracing(&app.Tracing),
 	})
 	if err != nil {
 		return nil, err

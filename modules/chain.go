@@ -117,7 +117,8 @@ type Handler struct {
 	// Caddyfile also takes hex ("0x20"). A forwarded ALPN or SSL TLV
 	// replaces the one describing a TLS session terminated on this hop.
 	// The types chain sends itself cannot be listed: 2 (authority, which
-	// travels anyway), 3 (CRC32C), 5 (unique ID) and 224 (0xE0, hop count).
+	// travels anyway), 3 (CRC32C), 5 (unique ID), 224 (0xE0, hop count) and
+	// 225 (0xE1, the trace parent of the app's tracing).
 	// Requires proxy_protocol v2 and accept_proxy_protocol. Default: none.
 	ForwardTLVs []int `json:"forward_tlvs,omitempty"`
 
@@ -444,6 +445,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if app := h.AcceptProxyProtocol; app != nil {
 		p.Accept.AllowCertificates = app.AllowCertificates
 	}
+	p.Tracer = appModule.(*App).tracer
 	h.proxy = p
 	// Checks and close_if_unhealthy act on the running config only: the
 	// app starts them when this config starts, so a config that fails to
@@ -632,7 +634,7 @@ func (h *Handler) checkForwardTLVs() error {
 		case t < 0 || t > 255:
 			return fmt.Errorf("forward_tlvs[%d]: %d is not a TLV type (0 to 255)", i, t)
 		case layer4chain.IsGeneratedTLV(byte(t)):
-			return fmt.Errorf("forward_tlvs[%d]: type %d (0x%02X) is sent by chain itself (authority, CRC32C, unique ID or hop count) and cannot be forwarded", i, t, t)
+			return fmt.Errorf("forward_tlvs[%d]: type %d (0x%02X) is sent by chain itself (authority, CRC32C, unique ID, hop count or trace parent) and cannot be forwarded", i, t, t)
 		case slices.Contains(h.ForwardTLVs[:i], t):
 			return fmt.Errorf("forward_tlvs[%d]: type %d (0x%02X) is listed twice", i, t, t)
 		}

@@ -106,8 +106,10 @@ func reportSuppressedRefusals() {
 }
 
 // StateChanged writes a debug line per state change, with the chain ID
-// that follows the connection across hops.
+// that follows the connection across hops, and adds the change to the
+// connection's span, if traced.
 func (observer) StateChanged(r *layer4chain.Record, from, to layer4chain.State) {
+	spanStateChanged(r, to)
 	if ce := logger().Check(zap.DebugLevel, "state changed"); ce != nil {
 		ce.Write(zap.Uint64("id", r.ID), zap.String("chain_id", r.ChainID()), zap.String("server", r.Server),
 			zap.String("from", from.String()), zap.String("to", to.String()))
@@ -140,10 +142,12 @@ func (observer) Swept(res layer4chain.SweepResult) {
 	}
 }
 
-// Closed writes the access-log line of a closed connection, at its close
-// reason's level (closeLevel), and observes its duration. The fields it
-// shares with the admin API's connections have the admin API's names.
+// Closed ends the connection's span, if traced, writes the access-log line
+// of a closed connection, at its close reason's level (closeLevel), and
+// observes its duration. The fields it shares with the admin API's
+// connections have the admin API's names.
 func (observer) Closed(r *layer4chain.Record) {
+	endSpan(r)
 	metrics.connectionDuration.Observe(time.Since(r.Started).Seconds())
 	ce := logger().Check(closeLevel(r.Reason()), "connection closed")
 	if ce == nil {

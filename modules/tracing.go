@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
+	"go.uber.org/zap/zapcore"
 	"math"
 	"math/rand/v2"
 	"strconv"
@@ -71,18 +72,6 @@ const (
 	attrBytesUp        = "layer4chain.bytes_up"
 	attrBytesDown      = "layer4chain.bytes_down"
 )
-
-// failedReasons are the close reasons that mark a span's status as an
-// error: the connection never reached the next hop, or was refused.
-var failedReasons = map[layer4chain.CloseReason]bool{
-	layer4chain.ReasonConnectTimeout:        true,
-	layer4chain.ReasonConnectRefused:        true,
-	layer4chain.ReasonConnectFailed:         true,
-	layer4chain.ReasonProxyProtocolRejected: true,
-	layer4chain.ReasonLoopDetected:          true,
-	layer4chain.ReasonNoHealthyUpstream:     true,
-	layer4chain.ReasonLimitExceeded:         true,
-}
 
 // sampleRatio returns the configured ratio or the default.
 func (t *Tracing) sampleRatio() float64 {
@@ -338,7 +327,8 @@ func endSpan(r *layer4chain.Record) {
 	if info.Detail != "" {
 		span.SetAttributes(attribute.String(attrCloseDetail, info.Detail))
 	}
-	if failedReasons[info.Reason] {
+	// A failure as the access log rates it (closeLevel) is an error span.
+	if closeLevel(info.Reason) >= zapcore.WarnLevel {
 		span.SetStatus(codes.Error, string(info.Reason))
 	}
 	span.End()

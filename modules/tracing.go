@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
-	"go.uber.org/zap/zapcore"
 	"math"
 	"math/rand/v2"
 	"strconv"
@@ -21,6 +20,7 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	chaincaddyfile "github.com/layer4chain/caddy-layer4chain/caddyfile"
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"

@@ -384,6 +384,7 @@ func TestMonitoringDashboardQueriesReturnDataFromARealPrometheus(t *testing.T) {
 		"--storage.tsdb.path="+filepath.Join(dir, "data"),
 		"--web.listen-address="+promAddr)
 	base := "http://" + promAddr
+	waitPrometheusReady(t, base)
 
 	// Both hops scraped, with the labels of the scrape config, before any
 	// traffic: a counter must be seen before it rises for rate() to show it.
@@ -453,6 +454,26 @@ func TestMonitoringDashboardQueriesReturnDataFromARealPrometheus(t *testing.T) {
 }
 
 // waitQuery waits (30s at most) until the query returns data.
+// waitPrometheusReady waits until Prometheus serves queries: while its
+// storage starts, the query API answers 503 in plain text.
+func waitPrometheusReady(t *testing.T, base string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := admin.Get(base + "/-/ready")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Prometheus not ready within 30s: %v", err)
+		}
+		<-time.After(50 * time.Millisecond) // another process's state, polled through its API
+	}
+}
+
 func waitQuery(t *testing.T, base, expr string) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)

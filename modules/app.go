@@ -272,7 +272,7 @@ func (a *App) Stop() error {
 		zap.Duration("grace", grace), zap.Int("listeners_stopped_by_drain", unbound))
 	if closed := a.tracker.Drain(grace, drainWait); closed > 0 {
 		a.logger.Warn("closed connections still open after the shutdown grace",
-			zap.Int("connections", closed), zap.String("reason", string(layer4chain.ReasonShutdown)))
+			zap.Int("connections", closed), zap.String("close_reason", string(layer4chain.ReasonShutdown)))
 	}
 	return nil
 }

@@ -8,12 +8,15 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"go.opentelemetry.io/contrib/exporters/autoexport"
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/sdk/resource"
@@ -132,6 +135,10 @@ var newSpanExporter = func(ctx context.Context) (sdktrace.SpanExporter, error) {
 	return autoexport.NewSpanExporter(ctx)
 }
 
+// setOTelErrorHandler installs the process's OpenTelemetry error handler
+// once.
+var setOTelErrorHandler sync.Once
+
 // pooledProvider is tracingPool's value.
 type pooledProvider struct{ *sdktrace.TracerProvider }
 
@@ -163,6 +170,19 @@ func acquireTracer(ctx context.Context, ratio float64) (layer4chain.Tracer, erro
 			_ = exp.Shutdown(ctx)
 			return nil, fmt.Errorf("tracing: describing the process: %w", err)
 		}
+		// Export failures reach OpenTelemetry's global error handler, whose
+		// default writes them to the standard logger (Caddy's default log,
+		// at INFO, unnamed): route them to this module's logger as warnings.
+		setOTelErrorHandler.Do(func() {
+			otel.SetErrorHandler(otel.ErrorHandlerFunc(func(err error) {
+				logger().Warn("tracing: exporting spans", zap.Error(err))
+			}))
+		})
+		logger().Info("tracing on: a span per connection, exported as the OTEL_* environment says",
+			zap.String("OTEL_TRACES_EXPORTER", os.Getenv("OTEL_TRACES_EXPORTER")),
+			zap.String("OTEL_EXPORTER_OTLP_ENDPOINT", os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT")),
+			zap.String("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")),
+			zap.Float64("sample_ratio", ratio))
 		return pooledProvider{sdktrace.NewTracerProvider(
 			sdktrace.WithBatcher(exp),
 			sdktrace.WithResource(res),

@@ -154,19 +154,26 @@ func (observer) Closed(r *layer4chain.Record) {
 		return
 	}
 	info := r.Info()
-	fields := []zap.Field{
-		zap.Uint64("id", info.ID),
-		zap.String("chain_id", info.ChainID),
-		zap.Int("hop", info.Hop),
-		zap.String("server", info.Server),
-		zap.String("client", info.Client),
-		zap.String("original_client", info.OriginalClient),
-		zap.String("upstream", info.Upstream),
+	// What a connection ended before knowing (its chain, its original
+	// client, an upstream) is left out rather than written empty.
+	fields := make([]zap.Field, 0, 16)
+	fields = append(fields, zap.Uint64("id", info.ID))
+	if info.ChainID != "" {
+		fields = append(fields, zap.String("chain_id", info.ChainID), zap.Int("hop", info.Hop))
+	}
+	fields = append(fields, zap.String("server", info.Server), zap.String("client", info.Client))
+	if info.OriginalClient != "" {
+		fields = append(fields, zap.String("original_client", info.OriginalClient))
+	}
+	if info.Upstream != "" {
+		fields = append(fields, zap.String("upstream", info.Upstream))
+	}
+	fields = append(fields,
 		zap.Duration("duration", time.Since(info.Started)),
 		zap.Int64("bytes_up", info.BytesUp),
 		zap.Int64("bytes_down", info.BytesDown),
 		zap.String("close_reason", string(info.Reason)),
-	}
+	)
 	if info.Detail != "" {
 		fields = append(fields, zap.String("close_detail", info.Detail))
 	}

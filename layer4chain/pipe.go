@@ -126,8 +126,7 @@ func newPipe(r *Record, client net.Conn, clientTCP tcpSocket, upstream net.Conn,
 // limit was hit, and returns why the connection ended. The calling
 // goroutine copies client → upstream; one more copies the other way.
 func (p *pipe) run() CloseReason {
-	p.up.armRead()
-	p.down.armRead()
+	p.arm()
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -136,6 +135,18 @@ func (p *pipe) run() CloseReason {
 	p.up.copy()
 	p.wg.Wait()
 	return p.reason()
+}
+
+// arm sets the sockets' first deadlines (with the park deadline when the
+// pipe is detached). It runs on the caller's goroutine, whose stack is
+// already deep: the runtime's timer code would otherwise make each small
+// copy goroutine grow (a stack copy) at its first deadline.
+func (p *pipe) arm() {
+	now := time.Now()
+	for _, d := range []*direction{&p.up, &p.down} {
+		d.armRead()
+		d.armWrite(now)
+	}
 }
 
 // start copies both directions on two new goroutines and returns at once;
@@ -152,8 +163,7 @@ func (p *pipe) start(end func(CloseReason)) {
 		p.up.wake()
 		p.down.wake()
 	})
-	p.up.armRead()
-	p.down.armRead() // with the park deadline, now that the pipe is detached
+	p.arm()
 	go p.up.copyAndEnd()
 	go p.down.copyAndEnd()
 }

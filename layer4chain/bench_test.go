@@ -3,6 +3,7 @@ package layer4chain
 import (
 	"io"
 	"net"
+	"net/netip"
 	"runtime"
 	"sync"
 	"testing"
@@ -99,7 +100,9 @@ func BenchmarkUploadThroughput(b *testing.B) {
 }
 
 // BenchmarkConnectionsPerSecond opens a connection through the hop, moves
-// one small exchange, and closes it.
+// one small exchange, and closes it: the set-up path (admit, dial, header,
+// established, close) with its allocations per connection, the client's
+// and the backend's included (compare with io_copy for the floor).
 func BenchmarkConnectionsPerSecond(b *testing.B) {
 	for _, tc := range []struct {
 		name string
@@ -111,6 +114,13 @@ func BenchmarkConnectionsPerSecond(b *testing.B) {
 		}},
 		{"chain_detached", func(b *testing.B, upstream string) string {
 			return startDetachedHop(b, &Proxy{Balancer: balancerFor(b, upstream)}).Addr
+		}},
+		// Two hops, the first sending PROXY v2 and the second accepting it
+		// from loopback: the whole set-up path, header included.
+		{"chain_2hops_proxy_v2", func(b *testing.B, upstream string) string {
+			inner := startDetachedHop(b, &Proxy{Balancer: balancerFor(b, upstream),
+				Accept: &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.1/32")}}})
+			return startDetachedHop(b, &Proxy{Balancer: balancerFor(b, inner.Addr), EmitVersion: 2}).Addr
 		}},
 	} {
 		b.Run(tc.name, func(b *testing.B) {

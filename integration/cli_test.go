@@ -83,7 +83,7 @@ func TestCLIListAndTraceAcrossTheTwoProcessExample(t *testing.T) {
 		`^client +` + regexp.QuoteMeta(client) + `$`,
 		`^1 +` + regexp.QuoteMeta(outerAdmin) + ` +\S+ +[0-9]+ +established +[0-9]+ +[0-9]+ +\S+ +` + regexp.QuoteMeta(ex.addr(t, "127.0.0.1:8002")) + ` +-$`,
 		`^2 +` + regexp.QuoteMeta(innerAdmin) + ` +\S+ +[0-9]+ +established +[0-9]+ +[0-9]+ +\S+ +` + regexp.QuoteMeta(backend) + ` +-$`,
-		`^backend +` + regexp.QuoteMeta(backend) + `$`,
+		`^upstream of hop 2 +` + regexp.QuoteMeta(backend) + ` +the backend, if hop 2 is the last hop$`,
 	}
 	if code != 0 || len(lines) != len(want) {
 		t.Fatalf("trace: exit %d:\n%s", code, out)
@@ -114,6 +114,20 @@ func TestCLIListAndTraceAcrossTheTwoProcessExample(t *testing.T) {
 		tr.Hops[0].Admin != outerAdmin || tr.Hops[1].Admin != innerAdmin || tr.Hops[1].Hop != 2 ||
 		tr.Hops[0].State != "established" || tr.Hops[1].BytesDown == 0 {
 		t.Fatalf("trace --json: %+v", tr)
+	}
+
+	// The outer hop's admin API alone: its upstream is the inner hop, not
+	// the backend, and the table says so.
+	out, code = caddyCLI(t, "trace", chainID, "--admin", "http://"+outerAdmin+"/", "--admin", outerAdmin)
+	if code != 0 || strings.Count(out, outerAdmin) != 1 || regexp.MustCompile(`(?m)^backend`).MatchString(out) ||
+		!regexp.MustCompile(`(?m)^upstream of hop 1 +`+regexp.QuoteMeta(ex.addr(t, "127.0.0.1:8002"))+` +the backend, if hop 1 is the last hop *$`).MatchString(out) {
+		t.Fatalf("trace of the outer hop only: exit %d:\n%s", code, out)
+	}
+	// --admin at the proxy's port: the backend answers HTTP, not the admin API.
+	proxy := ex.addr(t, "127.0.0.1:8001")
+	if _, stderr, code := caddyCLIErr(t, "stats", "--admin", proxy); code != 1 ||
+		!strings.Contains(stderr, proxy+" did not answer as Caddy's admin API with the layer4chain module (is it Caddy's admin address?)") {
+		t.Fatalf("stats --admin at the proxy port %s: exit %d, %s", proxy, code, stderr)
 	}
 
 	if _, code := caddyCLI(t, "trace", "00000000000000000000000000000000", "--admin", outerAdmin, "--admin", innerAdmin); code != 1 {

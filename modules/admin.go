@@ -29,6 +29,9 @@ func init() {
 //	GET    /layer4chain/stats             counts by state, totals, closes and failures by reason
 //	GET    /layer4chain/upstreams         every upstream a loaded config lists, with its health
 //
+// Any other path under /layer4chain/ is a 404 with a JSON error, like every
+// error of these endpoints.
+//
 // It reads the process's tracker, so it lists connections accepted under
 // any config, old or current, and the process's upstream pool.
 type adminAPI struct{}
@@ -60,7 +63,15 @@ func (a adminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: "/layer4chain/connections/{id}", Handler: caddy.AdminHandlerFunc(a.handleConnection)},
 		{Pattern: "/layer4chain/stats", Handler: caddy.AdminHandlerFunc(a.handleStats)},
 		{Pattern: "/layer4chain/upstreams", Handler: caddy.AdminHandlerFunc(a.handleUpstreams)},
+		// The admin server's mux answers an unknown path in plain text;
+		// these catch every other path of the module.
+		{Pattern: "/layer4chain", Handler: caddy.AdminHandlerFunc(a.handleUnknown)},
+		{Pattern: "/layer4chain/", Handler: caddy.AdminHandlerFunc(a.handleUnknown)},
 	}
+}
+
+func (adminAPI) handleUnknown(_ http.ResponseWriter, r *http.Request) error {
+	return apiError(http.StatusNotFound, "no endpoint %s (want /layer4chain/connections, /layer4chain/connections/{id}, /layer4chain/stats or /layer4chain/upstreams)", r.URL.Path)
 }
 
 func (adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) error {
@@ -121,6 +132,9 @@ func (adminAPI) handleStats(w http.ResponseWriter, r *http.Request) error {
 	if err := allowMethods(r, http.MethodGet); err != nil {
 		return err
 	}
+	if err := noParameters(r); err != nil {
+		return err
+	}
 	return writeJSON(w, processTracker().Stats())
 }
 
@@ -129,6 +143,9 @@ func (adminAPI) handleStats(w http.ResponseWriter, r *http.Request) error {
 // health belongs to the address.
 func (adminAPI) handleUpstreams(w http.ResponseWriter, r *http.Request) error {
 	if err := allowMethods(r, http.MethodGet); err != nil {
+		return err
+	}
+	if err := noParameters(r); err != nil {
 		return err
 	}
 	upstreams := pooledUpstreams()
@@ -160,6 +177,9 @@ func parseListQuery(r *http.Request) (listQuery, error) {
 	var q listQuery
 	values := r.URL.Query()
 	for _, key := range slices.Sorted(maps.Keys(values)) {
+		if (key == "limit" || key == "after") && len(values[key]) > 1 {
+			return listQuery{}, apiError(http.StatusBadRequest, "%s: given %d times, want it once", key, len(values[key]))
+		}
 		for _, v := range values[key] {
 			if err := q.add(key, v); err != nil {
 				return listQuery{}, err
@@ -234,6 +254,16 @@ func (q *listQuery) clientMatches(addr string) bool {
 		return true
 	}
 	return slices.ContainsFunc(q.clients, func(p netip.Prefix) bool { return p.Contains(ap.Addr()) })
+}
+
+// noParameters rejects a query on an endpoint that takes none, as a typo
+// in a filter would otherwise go unnoticed.
+func noParameters(r *http.Request) error {
+	values := r.URL.Query()
+	if len(values) == 0 {
+		return nil
+	}
+	return apiError(http.StatusBadRequest, "unknown parameter %q (%s takes none)", slices.Min(slices.Collect(maps.Keys(values))), r.URL.Path)
 }
 
 func allowMethods(r *http.Request, methods ...string) error {

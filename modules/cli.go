@@ -2,13 +2,16 @@ package modules
 
 import (
 	"cmp"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
+	"net"
 	"net/http"
 	"net/url"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -33,9 +36,9 @@ Talks to the layer4chain admin API of running Caddy processes (the hops of a
 chain): lists their connections, shows or closes one, prints the counts and the
 upstreams, and follows one connection across every hop by its chain ID.
 
---admin is the admin address to ask (default: Caddy's, localhost:2019 unless
-the CADDY_ADMIN environment variable says otherwise); trace takes it once per
-hop. --json prints what the admin API answers, for scripts; without it the
+--admin is the admin address to ask, host:port or http://host:port (default:
+Caddy's, localhost:2019 unless the CADDY_ADMIN environment variable says
+otherwise); trace takes it once per hop, one address per --admin. --json prints what the admin API answers, for scripts; without it the
 output is a table.
 
 Exit status: 0 on success; 1 when the admin API cannot be reached or answers an
@@ -48,6 +51,11 @@ chain ID on no hop.
 
 // listPageSize is how many records `list` asks for per request.
 const listPageSize = 1000
+
+// adminTimeout bounds each admin API request, so that an address that
+// accepts but never answers does not hang the command. A variable only so
+// that tests can shorten it.
+var adminTimeout = 10 * time.Second
 
 // cliCommands adds the subcommands to the `caddy layer4chain` command.
 func cliCommands(root *cobra.Command) {
@@ -64,12 +72,12 @@ or the original client.`,
 		cliCommand(&cobra.Command{
 			Use:   "show ID [--admin ADDR] [--json]",
 			Short: "Shows one connection, with the kernel's view of its sockets",
-			Args:  cobra.ExactArgs(1),
+			Args:  oneArg("a connection ID", "caddy layer4chain show ID; list prints the IDs"),
 		}, runShow),
 		cliCommand(&cobra.Command{
 			Use:   "kill ID [--admin ADDR] [--json]",
 			Short: "Closes one connection (close reason admin)",
-			Args:  cobra.ExactArgs(1),
+			Args:  oneArg("a connection ID", "caddy layer4chain kill ID; list prints the IDs"),
 		}, runKill),
 		cliCommand(&cobra.Command{
 			Use:   "stats [--admin ADDR] [--json]",
@@ -87,9 +95,10 @@ or the original client.`,
 			Long: `Asks every given admin API, at once, for the connections carrying the chain
 ID and prints the path hop by hop, ordered by hop number: the client, each
 hop's connection (admin address, listener, state, bytes up and down, age,
-upstream, close reason) and the backend, the last hop's upstream. Exit status 1
-when no hop has the chain ID.`,
-			Args: cobra.ExactArgs(1),
+upstream, close reason) and the upstream of the last hop found, which is the
+backend when every hop's admin API was given. Exit status 1 when no hop has the
+chain ID.`,
+			Args: oneArg("a chain ID", "caddy layer4chain trace CHAIN_ID --admin ADDR [--admin ADDR ...]"),
 		}, runTrace),
 	)
 }
@@ -110,23 +119,142 @@ func cliCommand(cmd *cobra.Command, run cliRun, filters ...string) *cobra.Comman
 		cmd.Flags().StringArray(f, nil, "only connections with this "+strings.ReplaceAll(f, "-", " ")+" (repeatable: any of them)")
 	}
 	cmd.SilenceUsage = true // a failed request is no usage error
+	cmd.SetFlagErrorFunc(flagError)
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
 		return run(cmd, args, cmd.OutOrStdout())
 	}
 	return cmd
 }
 
+// oneArg requires exactly one argument, what, and says how the command is
+// used when it is missing.
+func oneArg(what, usage string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		switch len(args) {
+		case 1:
+			return nil
+		case 0:
+			return fmt.Errorf("%s needs %s (%s)", cmd.Name(), what, usage)
+		}
+		return fmt.Errorf("%s takes one argument, %s; got %d: %s", cmd.Name(), what, len(args), strings.Join(args, " "))
+	}
+}
+
+// negativeArg finds a negative number that pflag took for a shorthand
+// flag, as in `show -1`.
+var negativeArg = regexp.MustCompile(`^unknown shorthand flag: '[0-9]' in (-[0-9]+)$`)
+
+// flagError rewords pflag's error for a negative connection ID.
+func flagError(cmd *cobra.Command, err error) error {
+	if m := negativeArg.FindStringSubmatch(err.Error()); m != nil && (cmd.Name() == "show" || cmd.Name() == "kill") {
+		_, idErr := connectionID(m[1])
+		return idErr
+	}
+	return err
+}
+
+// adminAddress reads one --admin value: an address as Caddy's admin option
+// takes it (host:port, unix//path), or an http:// URL of one, as browsers
+// and curl spell it.
+func adminAddress(v string) (string, error) {
+	switch {
+	case strings.Contains(v, ","):
+		return "", fmt.Errorf("--admin %q: one address per --admin; repeat --admin for each hop", v)
+	case strings.HasPrefix(v, "https://"):
+		return "", fmt.Errorf("--admin %q: the admin API this command asks is plain HTTP: give its host:port", v)
+	}
+	addr := strings.TrimSuffix(strings.TrimPrefix(v, "http://"), "/")
+	if addr == "" {
+		return "", errors.New("--admin: empty address")
+	}
+	na, err := caddy.ParseNetworkAddress(addr)
+	if err == nil && na.PortRangeSize() > 1 {
+		err = errors.New("a port range; want one port")
+	}
+	if err != nil {
+		return "", fmt.Errorf("--admin %q: %v", v, err)
+	}
+	return addr, nil
+}
+
+// adminFlag reads the command's --admin values.
+func adminFlag(cmd *cobra.Command) ([]string, error) {
+	var values []string
+	if cmd.Name() == "trace" {
+		values, _ = cmd.Flags().GetStringArray("admin")
+	} else {
+		v, _ := cmd.Flags().GetString("admin")
+		values = []string{v}
+	}
+	addrs := make([]string, 0, len(values))
+	for _, v := range values {
+		addr, err := adminAddress(v)
+		if err != nil {
+			return nil, err
+		}
+		addrs = append(addrs, addr)
+	}
+	return addrs, nil
+}
+
 // adminRequest sends one request to the admin API at addr (an address as
 // Caddy's admin option takes it) and decodes the JSON answer into v. Every
-// error names the admin address.
+// error names the admin address. It sends what caddycmd.AdminAPIRequest
+// sends (the Origin header Caddy's admin server checks; none on a unix
+// socket), which takes no deadline.
 func adminRequest(addr, method, uri string, v any) error {
-	resp, err := caddycmd.AdminAPIRequest(addr, method, uri, nil, nil)
+	na, err := caddy.ParseNetworkAddress(addr)
 	if err != nil {
-		return fmt.Errorf("admin API %s: %w", addr, err)
+		return fmt.Errorf("admin API %s: %v", addr, err)
+	}
+	origin, dial := "http://"+na.JoinHostPort(0), na.JoinHostPort(0)
+	if na.IsUnixNetwork() {
+		origin = "http://127.0.0.1"            // any host: the socket is the address
+		dial, _, _ = strings.Cut(na.Host, "|") // the socket's permission bits are no part of its path
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), adminTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, origin+uri, nil)
+	if err != nil {
+		return fmt.Errorf("admin API %s: %v", addr, err)
+	}
+	if !na.IsUnixNetwork() {
+		req.Header.Set("Origin", origin)
+	}
+	client := http.Client{Transport: &http.Transport{
+		DisableKeepAlives: true, // one request per command: nothing to keep alive
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, na.Network, dial)
+		},
+	}}
+	resp, err := client.Do(req)
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("admin API %s: no answer to %s %s within %v", addr, method, uri, adminTimeout)
+	}
+	if err != nil {
+		var ue *url.Error // it repeats the method and the URL
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return fmt.Errorf("admin API %s: %s %s: %w", addr, method, uri, err)
 	}
 	defer resp.Body.Close()
+	notAdmin := func(what string) error {
+		return fmt.Errorf("%s did not answer as Caddy's admin API with the layer4chain module (is it Caddy's admin address?): %s %s: %s",
+			addr, method, uri, what)
+	}
+	if resp.StatusCode >= 400 {
+		var e struct {
+			Error string `json:"error"`
+		}
+		if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
+			return notAdmin(resp.Status + " without a JSON error")
+		}
+		return fmt.Errorf("admin API %s: %s %s: %s: %s", addr, method, uri, resp.Status, e.Error)
+	}
 	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
-		return fmt.Errorf("admin API %s: decoding the answer to %s %s: %w", addr, method, uri, err)
+		return notAdmin(resp.Status + ", but no JSON of the expected shape")
 	}
 	return nil
 }
@@ -161,8 +289,11 @@ func runList(cmd *cobra.Command, _ []string, out io.Writer) error {
 			filters[param] = vs
 		}
 	}
-	admin, _ := cmd.Flags().GetString("admin")
-	list, err := listAll(admin, filters)
+	admin, err := adminFlag(cmd)
+	if err != nil {
+		return err
+	}
+	list, err := listAll(admin[0], filters)
 	if err != nil {
 		return err
 	}
@@ -171,7 +302,7 @@ func runList(cmd *cobra.Command, _ []string, out io.Writer) error {
 	}
 	now := time.Now()
 	tw := newTable(out)
-	fmt.Fprintln(tw, "ID\tCHAIN_ID\tHOP\tSTATE\tSERVER\tCLIENT\tUPSTREAM\tUP\tDOWN\tAGE")
+	fmt.Fprintln(tw, "ID\tCHAIN_ID\tHOP\tSTATE\tSERVER\tORIGINAL_CLIENT\tUPSTREAM\tUP\tDOWN\tAGE")
 	for _, c := range list {
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", c.ID, dash(c.ChainID), c.Hop, c.State, dash(c.Server),
 			clientOf(c), dash(c.Upstream), c.BytesUp, c.BytesDown, age(c.Started, now))
@@ -182,8 +313,8 @@ func runList(cmd *cobra.Command, _ []string, out io.Writer) error {
 // connectionID reads a connection ID argument.
 func connectionID(arg string) (uint64, error) {
 	id, err := strconv.ParseUint(arg, 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("connection ID %q: want a positive integer", arg)
+	if err != nil || id == 0 {
+		return 0, fmt.Errorf("connection ID %q: want a positive integer (the ID column of caddy layer4chain list)", arg)
 	}
 	return id, nil
 }
@@ -202,9 +333,12 @@ func oneConnection(cmd *cobra.Command, arg, method string, out io.Writer) error 
 	if err != nil {
 		return err
 	}
-	admin, _ := cmd.Flags().GetString("admin")
+	admin, err := adminFlag(cmd)
+	if err != nil {
+		return err
+	}
 	var c layer4chain.RecordInfo
-	if err := adminRequest(admin, method, fmt.Sprintf("/layer4chain/connections/%d", id), &c); err != nil {
+	if err := adminRequest(admin[0], method, fmt.Sprintf("/layer4chain/connections/%d", id), &c); err != nil {
 		return err
 	}
 	if asJSON(cmd) {
@@ -248,9 +382,12 @@ func oneConnection(cmd *cobra.Command, arg, method string, out io.Writer) error 
 }
 
 func runStats(cmd *cobra.Command, _ []string, out io.Writer) error {
-	admin, _ := cmd.Flags().GetString("admin")
+	admin, err := adminFlag(cmd)
+	if err != nil {
+		return err
+	}
 	var st layer4chain.Stats
-	if err := adminRequest(admin, http.MethodGet, "/layer4chain/stats", &st); err != nil {
+	if err := adminRequest(admin[0], http.MethodGet, "/layer4chain/stats", &st); err != nil {
 		return err
 	}
 	if asJSON(cmd) {
@@ -290,9 +427,12 @@ func nonZero[K ~string](m map[K]int64) string {
 }
 
 func runUpstreams(cmd *cobra.Command, _ []string, out io.Writer) error {
-	admin, _ := cmd.Flags().GetString("admin")
+	admin, err := adminFlag(cmd)
+	if err != nil {
+		return err
+	}
 	var list []layer4chain.UpstreamInfo
-	if err := adminRequest(admin, http.MethodGet, "/layer4chain/upstreams", &list); err != nil {
+	if err := adminRequest(admin[0], http.MethodGet, "/layer4chain/upstreams", &list); err != nil {
 		return err
 	}
 	if asJSON(cmd) {
@@ -328,9 +468,11 @@ type ChainTrace struct {
 	// Hops lists the connections found, ordered by hop number.
 	Hops []TraceHop `json:"hops"`
 	// MissingHops lists the hop numbers below the last one found that no
-	// admin API reported.
-	MissingHops []int `json:"missing_hops,omitempty"`
-	// Backend is the last hop's upstream ("" while it is connecting).
+	// admin API reported; empty, not null, when none is missing.
+	MissingHops []int `json:"missing_hops"`
+	// Backend is the upstream of the last hop found ("" while it is
+	// connecting): the backend when the admin APIs of every hop were
+	// asked, else the next hop, which no admin API given reported.
 	Backend string `json:"backend"`
 }
 
@@ -338,7 +480,10 @@ type ChainTrace struct {
 var ErrChainNotFound = errors.New("chain ID found on no hop")
 
 func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
-	admins, _ := cmd.Flags().GetStringArray("admin")
+	admins, err := adminFlag(cmd)
+	if err != nil {
+		return err
+	}
 	tr, err := TraceChain(args[0], admins)
 	if err != nil {
 		return err
@@ -360,18 +505,27 @@ func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\t%s\n", h.Hop, h.Admin, dash(h.Server), h.ID, h.State,
 			h.BytesUp, h.BytesDown, age(h.Started, now), dash(h.Upstream), closeOf(h.RecordInfo))
 	}
-	fmt.Fprintf(tw, "backend\t\t\t\t\t\t\t\t%s\t\n", dash(tr.Backend))
+	last := tr.Hops[len(tr.Hops)-1].Hop
+	fmt.Fprintf(tw, "upstream of hop %d\t\t\t\t\t\t\t\t%s\tthe backend, if hop %d is the last hop\n", last, dash(tr.Backend), last)
 	return tw.Flush()
 }
 
 // TraceChain asks every admin API (addresses as Caddy's admin option takes
-// them) at once for the chain ID's connections and orders what they answer
-// by hop; it is what `caddy layer4chain trace` prints. It fails, naming each, when an admin API
+// them; one given twice is asked once) at once for the chain ID's
+// connections and orders what they answer by hop; it is what `caddy
+// layer4chain trace` prints. It fails, naming each, when an admin API
 // cannot be asked, and with ErrChainNotFound when none has the chain ID.
 func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 	if chainID == "" {
 		return ChainTrace{}, errors.New("chain ID: empty")
 	}
+	var unique []string
+	for _, a := range admins {
+		if !slices.Contains(unique, a) {
+			unique = append(unique, a)
+		}
+	}
+	admins = unique
 	type answer struct {
 		list []layer4chain.RecordInfo
 		err  error
@@ -388,7 +542,7 @@ func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 		}()
 	}
 	wg.Wait()
-	tr := ChainTrace{ChainID: chainID, Hops: []TraceHop{}}
+	tr := ChainTrace{ChainID: chainID, Hops: []TraceHop{}, MissingHops: []int{}}
 	var errs []error
 	for i, a := range answers {
 		if a.err != nil {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -160,7 +161,7 @@ func TestCLIListPagesThroughEveryRecordAndPassesFilters(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != len(records)+1 || !strings.HasPrefix(lines[0], "ID ") ||
+	if len(lines) != len(records)+1 || !regexpMatch(`^ID +CHAIN_ID +HOP +STATE +SERVER +ORIGINAL_CLIENT +UPSTREAM `, lines[0]) ||
 		!regexpMatch(`^1 +c1 +1 +established +127\.0\.0\.1:8001 +127\.0\.0\.9:5555 +127\.0\.0\.1:9000 +10 +20 +[0-9]+s$`, lines[1]) {
 		t.Fatalf("table:\n%s\n%s\n... (%d lines)", lines[0], lines[1], len(lines))
 	}
@@ -184,7 +185,7 @@ func TestCLITraceOrdersHopsAndNamesTheBackend(t *testing.T) {
 		`^client +127\.0\.0\.9:5555$`,
 		`^1 +` + outer.addr + ` +127\.0\.0\.1:8001 +9 +established +10 +20 +[0-9]+s +127\.0\.0\.1:8002 +-$`,
 		`^2 +` + inner.addr + ` +127\.0\.0\.1:8001 +5 +established +20 +40 +[0-9]+s +127\.0\.0\.1:8003 +-$`,
-		`^backend +127\.0\.0\.1:8003$`,
+		`^upstream of hop 2 +127\.0\.0\.1:8003 +the backend, if hop 2 is the last hop$`,
 	}
 	if len(lines) != len(want) {
 		t.Fatalf("trace printed:\n%s", out)
@@ -200,10 +201,11 @@ func TestCLITraceOrdersHopsAndNamesTheBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	var tr struct {
-		ChainID string `json:"chain_id"`
-		Client  string `json:"client"`
-		Backend string `json:"backend"`
-		Hops    []struct {
+		ChainID     string `json:"chain_id"`
+		Client      string `json:"client"`
+		Backend     string `json:"backend"`
+		MissingHops []int  `json:"missing_hops"`
+		Hops        []struct {
 			Admin    string `json:"admin"`
 			ID       uint64 `json:"id"`
 			Hop      int    `json:"hop"`
@@ -213,6 +215,9 @@ func TestCLITraceOrdersHopsAndNamesTheBackend(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(out), &tr); err != nil {
 		t.Fatalf("trace --json: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, `"missing_hops": []`) {
+		t.Errorf("trace --json with no hop missing: missing_hops is not []:\n%s", out)
 	}
 	if tr.ChainID != id || tr.Client != "127.0.0.9:5555" || tr.Backend != "127.0.0.1:8003" || len(tr.Hops) != 2 ||
 		tr.Hops[0].Admin != outer.addr || tr.Hops[0].ID != 9 || tr.Hops[1].Hop != 2 || tr.Hops[1].BytesUp != 20 {
@@ -286,3 +291,136 @@ func TestCLIShowKillStatsUpstreams(t *testing.T) {
 }
 
 func regexpMatch(pattern, s string) bool { return regexp.MustCompile(pattern).MatchString(s) }
+
+// TestCLITraceOfSomeHopsNamesTheLastHopsUpstream: given only the first
+// hop's admin API, trace does not call that hop's upstream (the next hop)
+// the backend; an admin address given twice is asked once.
+func TestCLITraceOfSomeHopsNamesTheLastHopsUpstream(t *testing.T) {
+	checkLeaks(t)
+	const id = "0123456789abcdef0000000000000001"
+	outer := startFakeAdmin(t, []layer4chain.RecordInfo{record(9, id, 1, "127.0.0.1:8002")})
+	out, err := runCLI(t, "trace", id, "--admin", outer.addr, "--admin", "http://"+outer.addr+"/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(out, outer.addr) != 1 || len(outer.queries) != 1 {
+		t.Errorf("an admin address given twice was asked %d times, printed %d times:\n%s", len(outer.queries), strings.Count(out, outer.addr), out)
+	}
+	if regexpMatch(`(?m)^backend`, out) || !regexpMatch(`(?m)^upstream of hop 1 +127\.0\.0\.1:8002 +the backend, if hop 1 is the last hop *$`, out) {
+		t.Errorf("trace of the first hop only:\n%s", out)
+	}
+}
+
+// TestCLIAdminAddresses: --admin takes host:port or an http:// URL; a
+// comma-separated list, an https:// URL and a port range are refused with
+// a message that says what to give.
+func TestCLIAdminAddresses(t *testing.T) {
+	checkLeaks(t)
+	admin := startFakeAdmin(t, nil)
+	for _, a := range []string{admin.addr, "http://" + admin.addr, "http://" + admin.addr + "/", "tcp/" + admin.addr} {
+		if _, err := runCLI(t, "stats", "--admin", a); err != nil {
+			t.Errorf("stats --admin %s: %v", a, err)
+		}
+	}
+	for arg, mention := range map[string]string{
+		admin.addr + "," + admin.addr: "repeat --admin for each hop",
+		"https://" + admin.addr:       "plain HTTP",
+		"localhost:2019-2020":         "port range",
+		"":                            "empty",
+	} {
+		if _, err := runCLI(t, "stats", "--admin", arg); err == nil || !strings.Contains(err.Error(), mention) {
+			t.Errorf("stats --admin %q: %v, want an error mentioning %q", arg, err, mention)
+		}
+	}
+	if _, err := runCLI(t, "trace", "c", "--admin", admin.addr, "--admin", "a:1,b:2"); err == nil ||
+		!strings.Contains(err.Error(), `"a:1,b:2"`) || len(admin.queries) != 0 {
+		t.Errorf("trace with a comma-separated --admin: %v (%d queries sent)", err, len(admin.queries))
+	}
+}
+
+// TestCLISaysWhenTheAddressIsNoAdminAPI: an address that answers HTTP but
+// not as the layer4chain admin API (a proxy port, a Caddy without the
+// module) gets a message that says so instead of a JSON decoding error.
+func TestCLISaysWhenTheAddressIsNoAdminAPI(t *testing.T) {
+	checkLeaks(t)
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/layer4chain/stats" {
+			fmt.Fprintln(w, "original client: 127.0.0.1:4444")
+			return
+		}
+		http.NotFound(w, r)
+	}))
+	defer web.Close()
+	addr := strings.TrimPrefix(web.URL, "http://")
+	for _, args := range [][]string{{"stats"}, {"list"}, {"show", "1"}, {"trace", "c"}} {
+		_, err := runCLI(t, append(args, "--admin", addr)...)
+		if err == nil || !strings.Contains(err.Error(), addr+" did not answer as Caddy's admin API with the layer4chain module (is it Caddy's admin address?)") ||
+			strings.Contains(err.Error(), "invalid character") {
+			t.Errorf("%v against a web server: %v", args, err)
+		}
+	}
+}
+
+// TestCLIGivesUpOnAnAdminThatNeverAnswers: an address that accepts but
+// never answers fails after adminTimeout, naming the address.
+func TestCLIGivesUpOnAnAdminThatNeverAnswers(t *testing.T) {
+	checkLeaks(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan net.Conn, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if c, err := ln.Accept(); err == nil {
+			accepted <- c // held open, never answered
+		}
+	}()
+	defer func() {
+		ln.Close()
+		<-done
+		select {
+		case c := <-accepted:
+			c.Close()
+		default:
+		}
+	}()
+	defer func(d time.Duration) { adminTimeout = d }(adminTimeout)
+	adminTimeout = 200 * time.Millisecond
+	start := time.Now()
+	_, err = runCLI(t, "stats", "--admin", ln.Addr().String())
+	if err == nil || !strings.Contains(err.Error(), "admin API "+ln.Addr().String()+": no answer") {
+		t.Fatalf("stats against a silent address: %v", err)
+	}
+	if took := time.Since(start); took > 5*time.Second {
+		t.Fatalf("gave up after %v, want about %v", took, adminTimeout)
+	}
+}
+
+// TestCLIArgumentErrors: a missing or malformed argument gets a message
+// that says what the command needs.
+func TestCLIArgumentErrors(t *testing.T) {
+	checkLeaks(t)
+	admin := startFakeAdmin(t, nil)
+	for _, c := range []struct {
+		args    []string
+		mention string
+	}{
+		{[]string{"show"}, "show needs a connection ID (caddy layer4chain show ID"},
+		{[]string{"kill"}, "kill needs a connection ID (caddy layer4chain kill ID"},
+		{[]string{"trace"}, "trace needs a chain ID (caddy layer4chain trace CHAIN_ID"},
+		{[]string{"show", "1", "2"}, "show takes one argument, a connection ID; got 2"},
+		{[]string{"show", "-1"}, `connection ID "-1": want a positive integer`},
+		{[]string{"kill", "-12"}, `connection ID "-12": want a positive integer`},
+		{[]string{"show", "0"}, `connection ID "0": want a positive integer`},
+		{[]string{"kill", "abc"}, `connection ID "abc": want a positive integer`},
+	} {
+		if _, err := runCLI(t, append(c.args, "--admin", admin.addr)...); err == nil || !strings.Contains(err.Error(), c.mention) {
+			t.Errorf("%v: %v, want an error mentioning %q", c.args, err, c.mention)
+		}
+	}
+	if len(admin.queries)+len(admin.deleted) != 0 {
+		t.Errorf("bad arguments still sent requests")
+	}
+}

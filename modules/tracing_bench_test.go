@@ -4,7 +4,6 @@ import (
 	"context"
 	"io"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,27 +21,9 @@ func (discardExporter) Shutdown(context.Context) error                          
 
 // benchHop serves p on a free loopback port until the benchmark ends.
 func benchHop(b *testing.B, p *layer4chain.Proxy) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var wg sync.WaitGroup
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				p.Serve(c, nil, layer4chain.ClientMeta{Server: "bench"})
-			}()
-		}
-	}()
-	b.Cleanup(func() { ln.Close(); wg.Wait() })
-	return ln.Addr().String()
+	return chaintest.NewBackend(b, func(c *net.TCPConn) {
+		p.Serve(c, nil, layer4chain.ClientMeta{Server: "bench"})
+	}).Addr
 }
 
 // BenchmarkConnectionsPerSecondTracing opens a connection through one hop

@@ -104,11 +104,11 @@ func (p *Proxy) Serve(client net.Conn, pending []byte, meta ClientMeta) (reason 
 // long as the connection: it returns as soon as the connection is
 // established (or has ended before that), and the established connection
 // goes on on goroutines of its own, one per direction, each no deeper than
-// the copy loop; after a second of quiet the upstream → client one parks
-// (see park.go). An idle connection then holds one small stack, its record
-// and its sockets; whatever the caller's goroutine held is freed. ServeDetached owns client: it closes it when the
-// connection ends, so the caller must hand over a socket nobody else
-// closes (see TakeOver).
+// the copy loop; after a second of quiet both park (see defaultParkAfter).
+// An idle connection then holds no goroutine, only its record and its
+// sockets; whatever the caller's goroutine held is freed. ServeDetached
+// owns client: it closes it when the connection ends, so the caller must
+// hand over a socket nobody else closes (see TakeOver).
 func (p *Proxy) ServeDetached(client net.Conn, pending []byte, meta ClientMeta) {
 	r, _ := p.admit(client, meta)
 	if r == nil {

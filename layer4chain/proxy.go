@@ -508,3 +508,9 @@ func newChainID() string {
 	}
 	return hex.EncodeToString(b[:])
 }
+
+// startSpan asks the Tracer for the connection's span and keeps what it
+// says to send upstream in o.
+func (p *Proxy) startSpan(r *Record, o *origin) {
+	r.span, o.next = p.Tracer.StartSpan(r, o.parent)
+}

@@ -862,3 +862,22 @@ func rejectHeader(r *Record, rej *ProxyRejectError) {
 	r.tracker.countProxyRejection(rej.Reason)
 	r.setDetail(rej)
 }
+
+// forPeer returns the acceptor that reads peer's header and whether peer is
+// trusted: by its address (a itself), or by its verified client certificate
+// alone (a copy that allows exactly peer, so Accept reads it as trusted).
+func (a *ProxyAcceptor) forPeer(peer netip.Addr, session *tls.ConnectionState) (*ProxyAcceptor, bool) {
+	if isTrusted(a.Allow, peer) {
+		return a, true
+	}
+	if len(a.AllowCertificates) == 0 || !trustedByCertificate(a.AllowCertificates, CertificateNames(session)) {
+		return a, false
+	}
+	p := peer.WithZone("").Unmap()
+	if !p.IsValid() {
+		return a, false
+	}
+	cp := *a
+	cp.Allow = []netip.Prefix{netip.PrefixFrom(p, p.BitLen())}
+	return &cp, true
+}

@@ -291,3 +291,9 @@ func (r *Record) setSockets(client, upstream net.Conn) {
 	r.sockets = [2]syscall.RawConn{raw(client), raw(upstream)}
 	r.mu.Unlock()
 }
+
+// Span returns what the Proxy's Tracer returned for the connection, nil
+// when no tracer made a span of it (or before it did). The Observer reads
+// it, on the connection's goroutine or, for Closed, on the one removing the
+// record.
+func (r *Record) Span() any { return r.span }

@@ -69,15 +69,3 @@ type Tracer interface {
 	// value to send none).
 	StartSpan(r *Record, parent TraceParent) (span any, next TraceParent)
 }
-
-// Span returns what the Proxy's Tracer returned for the connection, nil
-// when no tracer made a span of it (or before it did). The Observer reads
-// it, on the connection's goroutine or, for Closed, on the one removing the
-// record.
-func (r *Record) Span() any { return r.span }
-
-// startSpan asks the Tracer for the connection's span and keeps what it
-// says to send upstream in o.
-func (p *Proxy) startSpan(r *Record, o *origin) {
-	r.span, o.next = p.Tracer.StartSpan(r, o.parent)
-}

@@ -189,3 +189,34 @@ func TestParkedConnectionClosedFromOutsideLeavesNothing(t *testing.T) {
 	}
 	waitParked(t, 0)
 }
+
+func TestHalfCloseLimitCountsFromTheHalfCloseNotTheLastByte(t *testing.T) {
+	checkEngineLeaks(t)
+	// Quiet for longer than the half-close limit before the client
+	// half-closes: the limit must still give the upstream its full time
+	// to answer after the FIN.
+	const limit = 300 * time.Millisecond
+	h, accepted := parkingHop(t, Timeouts{HalfClose: limit})
+	client := chaintest.Dial(t, h.Addr)
+	mustWrite(t, client, "request")
+	up := <-accepted
+	mustRead(t, up, "request")
+	waitParked(t, 2)
+	time.Sleep(2 * limit) // the idle period itself is what is tested
+
+	client.CloseWrite()
+	if _, _, err := chaintest.ReadUntilClosed(up, 3*time.Second); err != nil {
+		t.Fatalf("upstream did not see the client's FIN: %v", err)
+	}
+	time.Sleep(limit / 3) // an upstream that takes a moment to answer
+	mustWrite(t, up, "answer")
+	got, _, err := chaintest.ReadUntilClosed(client, 3*time.Second)
+	if string(got) != "answer" {
+		t.Fatalf("client read %q, %v; want the answer sent within the half-close limit", got, err)
+	}
+	up.Close()
+	<-h.Tracker.Empty()
+	if n := h.Tracker.Closed(ReasonHalfCloseTimeout); n != 1 {
+		t.Fatalf("half_close_timeout: %d, want 1 (the upstream never closed)", n)
+	}
+}

@@ -451,6 +451,9 @@ func (d *direction) finish() {
 		return
 	}
 	d.p.firstClosed = d.closed
+	// The half-close is an event of the connection: the half-close limit
+	// counts from it, not from a byte that may have moved long before.
+	d.p.r.touch(time.Now())
 	d.p.r.setState(StateHalfClosed)
 	if err := closeWrite(d.dst, d.dstTCP); err != nil && !errors.Is(err, net.ErrClosed) {
 		d.p.fail(d.dstReset, true)

@@ -203,7 +203,9 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return nil, ReasonLoopDetected
 	}
 	if o.chainID == "" {
-		o.chainID = newChainID()
+		// A new chain is a new trace: a span ID sent without the chain it
+		// belongs to would name a parent outside it.
+		o.chainID, o.parent = newChainID(), TraceParent{}
 	}
 	if meta.SNI != "" && !o.viaHop {
 		o.authority = meta.SNI

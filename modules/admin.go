@@ -96,7 +96,12 @@ func (adminAPI) handleConnections(w http.ResponseWriter, r *http.Request) error 
 		records = processTracker().Records()
 	}
 	list := []layer4chain.RecordInfo{} // encodes as [] when empty
-	start, _ := slices.BinarySearchFunc(records, q.after+1, func(r *layer4chain.Record, id uint64) int { return cmp.Compare(r.ID, id) })
+	// The first record whose id is above after (after+1 would wrap at the
+	// largest id).
+	start, found := slices.BinarySearchFunc(records, q.after, func(r *layer4chain.Record, id uint64) int { return cmp.Compare(r.ID, id) })
+	if found {
+		start++
+	}
 	for _, rec := range records[start:] {
 		if q.limit > 0 && len(list) == q.limit {
 			break

@@ -75,6 +75,10 @@ func TestConnectionListPagesAndFilters(t *testing.T) {
 		t.Fatalf("after=%d: %v, want %v", all[4].ID, listIDs(got), listIDs(all[5:]))
 	}
 
+	if got := admin.connections("?after=18446744073709551615"); len(got) != 0 {
+		t.Fatalf("after the largest id: %v, want none", listIDs(got))
+	}
+
 	count := func(query string) int { return len(admin.connections(query)) }
 	for query, want := range map[string]int{
 		"?state=established":                             7,

@@ -59,6 +59,15 @@ var adminTimeout = 10 * time.Second
 
 // cliCommands adds the subcommands to the `caddy layer4chain` command.
 func cliCommands(root *cobra.Command) {
+	// Without a subcommand, the help; with one it does not know, an error
+	// (cobra alone would print the help and exit 0).
+	root.Args = cobra.ArbitraryArgs
+	root.RunE = func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return fmt.Errorf("unknown subcommand %q: want list, show, kill, stats, upstreams or trace", args[0])
+		}
+		return cmd.Help()
+	}
 	root.AddCommand(
 		cliCommand(&cobra.Command{
 			Use:   "list [--state S] [--upstream U] [--client C] [--chain-id ID] [--admin ADDR] [--json]",
@@ -253,10 +262,32 @@ func adminRequest(addr, method, uri string, v any) error {
 		}
 		return fmt.Errorf("admin API %s: %s %s: %s: %s", addr, method, uri, resp.Status, e.Error)
 	}
-	if err := json.NewDecoder(resp.Body).Decode(v); err != nil {
+	body := io.LimitReader(resp.Body, maxAdminAnswer+1)
+	var n countingReader
+	n.r = body
+	if err := json.NewDecoder(&n).Decode(v); err != nil {
+		if n.n > maxAdminAnswer {
+			return notAdmin(fmt.Sprintf("an answer larger than %d MiB", maxAdminAnswer>>20))
+		}
 		return notAdmin(resp.Status + ", but no JSON of the expected shape")
 	}
 	return nil
+}
+
+// maxAdminAnswer bounds what the command reads from one admin answer: a
+// page of connections is well under a MiB, so more is not Caddy's.
+const maxAdminAnswer = 64 << 20
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(b []byte) (int, error) {
+	n, err := c.r.Read(b)
+	c.n += int64(n)
+	return n, err
 }
 
 // listAll pages through GET /layer4chain/connections with the query's
@@ -278,7 +309,13 @@ func listAll(addr string, filters url.Values) ([]layer4chain.RecordInfo, error) 
 		if len(page) < listPageSize {
 			return all, nil
 		}
-		after = page[len(page)-1].ID
+		last := page[len(page)-1].ID
+		if last <= after {
+			// Caddy's pages always advance: this is not its admin API, and
+			// asking again would never end.
+			return nil, fmt.Errorf("%s did not answer as Caddy's admin API with the layer4chain module: a page after id %d ended at id %d", addr, after, last)
+		}
+		after = last
 	}
 }
 
@@ -510,6 +547,13 @@ func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
 	return tw.Flush()
 }
 
+// sameRecord says whether two answers describe one connection: the same
+// listener, record ID and admission time (no two processes listen on one
+// address with the same ID at the same instant).
+func sameRecord(a, b layer4chain.RecordInfo) bool {
+	return a.Server == b.Server && a.ID == b.ID && a.Started.Equal(b.Started)
+}
+
 // TraceChain asks every admin API (addresses as Caddy's admin option takes
 // them; one given twice is asked once) at once for the chain ID's
 // connections and orders what they answer by hop; it is what `caddy
@@ -550,7 +594,11 @@ func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 			continue
 		}
 		for _, info := range a.list {
-			tr.Hops = append(tr.Hops, TraceHop{Admin: admins[i], RecordInfo: info})
+			// Two names for one admin API (localhost and 127.0.0.1) answer
+			// with the same records: keep each once.
+			if !slices.ContainsFunc(tr.Hops, func(h TraceHop) bool { return sameRecord(h.RecordInfo, info) }) {
+				tr.Hops = append(tr.Hops, TraceHop{Admin: admins[i], RecordInfo: info})
+			}
 		}
 	}
 	if len(errs) > 0 {

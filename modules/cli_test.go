@@ -424,3 +424,40 @@ func TestCLIArgumentErrors(t *testing.T) {
 		t.Errorf("bad arguments still sent requests")
 	}
 }
+
+func TestCLITraceCountsAConnectionOnceWhateverTheAdminIsCalled(t *testing.T) {
+	checkLeaks(t)
+	const id = "0123456789abcdef0123456789abcdef"
+	outer := startFakeAdmin(t, []layer4chain.RecordInfo{record(9, id, 1, "127.0.0.1:8002")})
+	_, port, _ := net.SplitHostPort(outer.addr)
+	out, err := runCLI(t, "trace", id, "--admin", outer.addr, "--admin", "localhost:"+port, "--json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(out, `"admin":`); n != 1 {
+		t.Fatalf("one connection asked through two names of its admin API listed %d times:\n%s", n, out)
+	}
+}
+
+func TestCLIListStopsWhenPagesDoNotAdvance(t *testing.T) {
+	checkLeaks(t)
+	// Not Caddy: every page is the same full page, whatever after says.
+	page := make([]layer4chain.RecordInfo, listPageSize)
+	for i := range page {
+		page[i] = record(uint64(i+1), "c", 1, "x")
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(page)
+	}))
+	t.Cleanup(srv.Close)
+	_, err := runCLI(t, "list", "--admin", strings.TrimPrefix(srv.URL, "http://"))
+	if err == nil || !strings.Contains(err.Error(), "did not answer as Caddy's admin API") {
+		t.Fatalf("list against pages that never advance: %v", err)
+	}
+}
+
+func TestCLIUnknownSubcommandFails(t *testing.T) {
+	if _, err := runCLI(t, "bogus"); err == nil || !strings.Contains(err.Error(), `unknown subcommand "bogus"`) {
+		t.Fatalf("caddy layer4chain bogus: %v", err)
+	}
+}

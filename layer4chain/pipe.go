@@ -257,7 +257,9 @@ func (d *direction) init(raw syscall.RawConn) {
 // computed for the old state.
 func (d *direction) armRead() {
 	for {
-		s := d.p.r.State()
+		// The other direction's park state too: parking, it nudges this
+		// one (see park), and a deadline computed before must not hide it.
+		s, ps := d.p.r.State(), d.other().state.Load()
 		dl := d.p.deadline(s, d.p.r.LastActivity())
 		for _, other := range [2]time.Time{d.screen.deadline(), d.parkDeadline()} {
 			if !other.IsZero() && (dl.IsZero() || other.Before(dl)) {
@@ -265,7 +267,7 @@ func (d *direction) armRead() {
 			}
 		}
 		_ = d.src.SetReadDeadline(dl)
-		if d.p.r.State() == s {
+		if d.p.r.State() == s && d.other().state.Load() == ps {
 			return
 		}
 	}
@@ -317,6 +319,9 @@ func (d *direction) copy() (parked bool) {
 					d.writeFailed(werr)
 					return
 				}
+				// A write the peer was slow to take is activity until it
+				// ends: under backpressure the read above may be long past.
+				d.p.r.touch(time.Now())
 			}
 		}
 		if buf != nil {

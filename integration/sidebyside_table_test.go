@@ -126,17 +126,19 @@ func (t table) targets() []goal {
 		r = two.connsPerSec / chain.connsPerSec
 	}
 	goals = append(goals, judge("2 hops with PROXY v2: conn/s ≥ 0.5× one hop's", r, ratio(r, 1), 0.5, false))
-	// "Equal to one hop's": every hop within 10% of the one-hop figure.
+	// "Equal to one hop's": no hop of a chain pays more for an idle
+	// connection than a lone hop, within 10% (RSS repeats within about a
+	// KiB from run to run; a hop that pays less is not a miss).
 	worst := math.NaN()
 	for _, kib := range two.idleKiB {
-		if d := math.Abs(kib/idle - 1); !(d <= worst) {
+		if d := kib/idle - 1; !(d <= worst) {
 			worst = d
 		}
 	}
 	if !twoOK || !chainOK || len(two.idleKiB) == 0 {
 		worst = math.NaN()
 	}
-	goals = append(goals, judge("2 hops: idle memory per hop equal to one hop's (within 10%)", worst,
+	goals = append(goals, judge("2 hops: idle memory per hop equal to one hop's (at most 10% more)", worst,
 		perHop(two.idleKiB, 1)+" KiB vs "+num(idle, 1), 0.1, true))
 	return goals
 }

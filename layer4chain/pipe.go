@@ -624,9 +624,7 @@ func (d *direction) copyAndEnd() {
 // goroutine carries it on, under the limits of the new state.
 func (d *direction) done() *direction {
 	d.state.Store(finished)
-	if d.timer != nil {
-		d.timer.Stop()
-	}
+	d.stopTimer()
 	if d.p.running.Add(-1) == 0 {
 		d.p.end(d.p.reason())
 		return nil
@@ -650,11 +648,21 @@ func (d *direction) other() *direction {
 	return &d.p.up
 }
 
+// stopTimer ends a finished direction's limit timer, if it parked: a
+// pending timer would keep the pipe and its record reachable until the
+// limit, long after the connection ended.
+func (d *direction) stopTimer() {
+	if d.timer != nil {
+		d.timer.Stop()
+	}
+}
+
 // settleParked counts a parked direction as finished once the pipe has
 // closed its sockets: no wake will come for it.
 func (p *pipe) settleParked() {
 	for _, d := range []*direction{&p.up, &p.down} {
 		if d.state.CompareAndSwap(parked, finished) {
+			d.stopTimer()
 			if pk := getParker(); pk != nil {
 				pk.forget(d)
 			}

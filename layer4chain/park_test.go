@@ -45,6 +45,29 @@ func parkingHop(t *testing.T, timeouts Timeouts) (*hop, <-chan *net.TCPConn) {
 	return h, accepted
 }
 
+// parkedConnection opens a connection through h, moves first from the
+// client to the upstream, and waits until both directions have parked.
+func parkedConnection(t *testing.T, h *hop, accepted <-chan *net.TCPConn, first string) (client, up *net.TCPConn) {
+	t.Helper()
+	client = chaintest.Dial(t, h.Addr)
+	mustWrite(t, client, first)
+	up = <-accepted
+	mustRead(t, up, first)
+	waitParked(t, 2) // both directions: no goroutine holds the connection
+	return client, up
+}
+
+// wantEnded waits until h has no connection left, checks how many ended
+// with reason, and that nothing stays parked.
+func wantEnded(t *testing.T, h *hop, reason CloseReason, n int64) {
+	t.Helper()
+	<-h.Tracker.Empty()
+	if got := h.Tracker.Closed(reason); got != n {
+		t.Fatalf("%s: %d, want %d", reason, got, n)
+	}
+	waitParked(t, 0)
+}
+
 func mustRead(t *testing.T, c net.Conn, want string) {
 	t.Helper()
 	_ = c.SetReadDeadline(time.Now().Add(3 * time.Second))
@@ -64,11 +87,7 @@ func mustWrite(t *testing.T, c net.Conn, s string) {
 func TestQuietConnectionParksAndWakesWhenTheUpstreamSends(t *testing.T) {
 	checkEngineLeaks(t)
 	h, accepted := parkingHop(t, Timeouts{})
-	client := chaintest.Dial(t, h.Addr)
-	mustWrite(t, client, "hello")
-	up := <-accepted
-	mustRead(t, up, "hello")
-	waitParked(t, 2) // both directions: no goroutine holds the connection
+	client, up := parkedConnection(t, h, accepted, "hello")
 
 	for _, msg := range []string{"first", "second"} {
 		mustWrite(t, up, msg)
@@ -86,21 +105,13 @@ func TestQuietConnectionParksAndWakesWhenTheUpstreamSends(t *testing.T) {
 		t.Fatalf("upstream: %v", err)
 	}
 	up.Close()
-	<-h.Tracker.Empty()
-	if n := h.Tracker.Closed(ReasonClientClosed); n != 1 {
-		t.Fatalf("client_closed: %d, want 1", n)
-	}
-	waitParked(t, 0)
+	wantEnded(t, h, ReasonClientClosed, 1)
 }
 
 func TestParkedDirectionIsCarriedOnAfterTheClientHalfCloses(t *testing.T) {
 	checkEngineLeaks(t)
 	h, accepted := parkingHop(t, Timeouts{HalfClose: time.Minute})
-	client := chaintest.Dial(t, h.Addr)
-	mustWrite(t, client, "request")
-	up := <-accepted
-	mustRead(t, up, "request")
-	waitParked(t, 2)
+	client, up := parkedConnection(t, h, accepted, "request")
 
 	client.CloseWrite()
 	if _, _, err := chaintest.ReadUntilClosed(up, 3*time.Second); err != nil {
@@ -114,20 +125,13 @@ func TestParkedDirectionIsCarriedOnAfterTheClientHalfCloses(t *testing.T) {
 		t.Fatalf("client read %q, %v; want the response then EOF", got, err)
 	}
 	up.Close()
-	<-h.Tracker.Empty()
-	if n := h.Tracker.Closed(ReasonClientClosed); n != 1 {
-		t.Fatalf("client_closed: %d, want 1 (the client ended first)", n)
-	}
+	wantEnded(t, h, ReasonClientClosed, 1)
 }
 
 func TestParkedDirectionWakesWhenTheUpstreamCloses(t *testing.T) {
 	checkEngineLeaks(t)
 	h, accepted := parkingHop(t, Timeouts{HalfClose: time.Minute})
-	client := chaintest.Dial(t, h.Addr)
-	mustWrite(t, client, "request")
-	up := <-accepted
-	mustRead(t, up, "request")
-	waitParked(t, 2)
+	client, up := parkedConnection(t, h, accepted, "request")
 
 	mustWrite(t, up, "last words")
 	up.CloseWrite()
@@ -139,29 +143,18 @@ func TestParkedDirectionWakesWhenTheUpstreamCloses(t *testing.T) {
 	mustRead(t, up, "still here")
 	client.Close()
 	up.Close()
-	<-h.Tracker.Empty()
-	if n := h.Tracker.Closed(ReasonUpstreamClosed); n != 1 {
-		t.Fatalf("upstream_closed: %d, want 1", n)
-	}
-	waitParked(t, 0)
+	wantEnded(t, h, ReasonUpstreamClosed, 1)
 }
 
 func TestParkedConnectionStillEndsAtItsIdleTimeout(t *testing.T) {
 	checkEngineLeaks(t)
 	h, accepted := parkingHop(t, Timeouts{Idle: 300 * time.Millisecond})
-	client := chaintest.Dial(t, h.Addr)
-	mustWrite(t, client, "x")
-	up := <-accepted
-	mustRead(t, up, "x")
-	waitParked(t, 2) // the limit's timer stands in for the read deadline
+	// Parked, the limit's timer stands in for the read deadline.
+	client, _ := parkedConnection(t, h, accepted, "x")
 	if _, elapsed, _ := chaintest.ReadUntilClosed(client, 3*time.Second); elapsed > 2*time.Second {
 		t.Fatalf("closed after %v, want about the 300ms idle timeout", elapsed)
 	}
-	<-h.Tracker.Empty()
-	if n := h.Tracker.Closed(ReasonIdleTimeout); n != 1 {
-		t.Fatalf("idle_timeout: %d, want 1", n)
-	}
-	waitParked(t, 0)
+	wantEnded(t, h, ReasonIdleTimeout, 1)
 }
 
 func TestParkedConnectionClosedFromOutsideLeavesNothing(t *testing.T) {
@@ -183,11 +176,7 @@ func TestParkedConnectionClosedFromOutsideLeavesNothing(t *testing.T) {
 			t.Fatalf("closed after %v", elapsed)
 		}
 	}
-	<-h.Tracker.Empty()
-	if got := h.Tracker.Closed(ReasonAdmin); got != n {
-		t.Fatalf("admin: %d, want %d", got, n)
-	}
-	waitParked(t, 0)
+	wantEnded(t, h, ReasonAdmin, n)
 }
 
 func TestHalfCloseLimitCountsFromTheHalfCloseNotTheLastByte(t *testing.T) {
@@ -197,11 +186,7 @@ func TestHalfCloseLimitCountsFromTheHalfCloseNotTheLastByte(t *testing.T) {
 	// to answer after the FIN.
 	const limit = 300 * time.Millisecond
 	h, accepted := parkingHop(t, Timeouts{HalfClose: limit})
-	client := chaintest.Dial(t, h.Addr)
-	mustWrite(t, client, "request")
-	up := <-accepted
-	mustRead(t, up, "request")
-	waitParked(t, 2)
+	client, up := parkedConnection(t, h, accepted, "request")
 	time.Sleep(2 * limit) // the idle period itself is what is tested
 
 	client.CloseWrite()
@@ -215,8 +200,5 @@ func TestHalfCloseLimitCountsFromTheHalfCloseNotTheLastByte(t *testing.T) {
 		t.Fatalf("client read %q, %v; want the answer sent within the half-close limit", got, err)
 	}
 	up.Close()
-	<-h.Tracker.Empty()
-	if n := h.Tracker.Closed(ReasonHalfCloseTimeout); n != 1 {
-		t.Fatalf("half_close_timeout: %d, want 1 (the upstream never closed)", n)
-	}
+	wantEnded(t, h, ReasonHalfCloseTimeout, 1)
 }

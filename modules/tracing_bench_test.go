@@ -2,7 +2,6 @@ package modules
 
 import (
 	"context"
-	"io"
 	"net"
 	"testing"
 	"time"
@@ -57,17 +56,7 @@ func BenchmarkConnectionsPerSecondTracing(b *testing.B) {
 			msg, got := []byte("ping"), make([]byte, 4)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				c, err := net.Dial("tcp", addr)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if _, err := c.Write(msg); err != nil {
-					b.Fatal(err)
-				}
-				if _, err := io.ReadFull(c, got); err != nil {
-					b.Fatal(err)
-				}
-				c.Close()
+				chaintest.EchoRound(b, addr, msg, got)
 			}
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conn/s")
 		})

@@ -192,3 +192,20 @@ func ReadUntilClosed(c net.Conn, timeout time.Duration) ([]byte, time.Duration, 
 	b, err := io.ReadAll(c)
 	return b, time.Since(start), err
 }
+
+// EchoRound opens a connection to addr, has msg echoed back into got (as
+// long as msg) and closes it: one connection's whole life, for the
+// connection-rate benchmarks.
+func EchoRound(tb testing.TB, addr string, msg, got []byte) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Write(msg); err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, got); err != nil {
+		tb.Fatal(err)
+	}
+}

@@ -103,8 +103,10 @@ func TestOptionalPolicyDialsASilentTrustedPeerAfterTheTimeout(t *testing.T) {
 	backend, got := greetingBackend(t)
 	const timeout = 300 * time.Millisecond
 	h, _ := optionalHop(t, backend.Addr, timeout)
-	c := chaintest.Dial(t, h.Addr)
+	// Before the dial: the hop's wait may start as soon as the kernel
+	// completes the handshake, before Dial returns here.
 	start := time.Now()
+	c := chaintest.Dial(t, h.Addr)
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	buf := make([]byte, len(greeting))
 	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != greeting {

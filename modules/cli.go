@@ -238,6 +238,12 @@ func adminRequest(addr, method, uri string, v any) error {
 		},
 	}}
 	resp, err := client.Do(req)
+	if err != nil && method == http.MethodGet && !errors.Is(err, context.DeadlineExceeded) {
+		// A reload replaces the admin server and closes the old one's
+		// listener in the background; a request queued there just then is
+		// dropped. A GET changes nothing, so it is sent once more.
+		resp, err = client.Do(req)
+	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("admin API %s: no answer to %s %s within %v", addr, method, uri, adminTimeout)
 	}

@@ -71,7 +71,10 @@ type Tracker struct {
 	records map[uint64]*Record
 	byChain map[string][]*Record // chain ID → its live records; see setOrigin
 	scopes  map[string]*scope
-	empty   chan struct{} // closed while no record is live; see Empty
+	empty   chan struct{} // closed while no record is live or being reported; see Empty
+	// reporting counts removed records whose removal the Observer is
+	// still being told about: Empty waits for them too.
+	reporting int
 
 	draining atomic.Bool
 
@@ -133,7 +136,7 @@ func (t *Tracker) Admit(scopeKey string, limits Limits, server string, client ne
 	s.total++
 	r.ID = t.nextID.Add(1)
 	r.scope = s
-	if len(t.records) == 0 {
+	if len(t.records) == 0 && t.reporting == 0 {
 		t.empty = make(chan struct{})
 	}
 	t.records[r.ID] = r
@@ -205,18 +208,26 @@ func (t *Tracker) Remove(r *Record, reason CloseReason) {
 	counter(&t.closedByReason, r.Reason()).Add(1)
 	t.closedBytesUp.Add(r.bytesUp.Load())
 	t.closedBytesDown.Add(r.bytesDown.Load())
-	if len(t.records) == 0 {
-		close(t.empty)
-	}
+	t.reporting++
 	t.mu.Unlock()
 
+	// The Observer is told outside the lock (it logs and ends the span),
+	// but before Empty wakes anyone: a drain that waits for the tracker to
+	// empty then finds every close line written and every span ended.
 	if t.Observer != nil {
 		t.Observer.Closed(r)
 	}
+
+	t.mu.Lock()
+	if t.reporting--; t.reporting == 0 && len(t.records) == 0 {
+		close(t.empty)
+	}
+	t.mu.Unlock()
 }
 
-// Empty returns a channel that is closed once no record is live. A new
-// connection after that needs a new call.
+// Empty returns a channel that is closed once no record is live and the
+// Observer has been told of every removal. A new connection after that
+// needs a new call.
 func (t *Tracker) Empty() <-chan struct{} {
 	t.mu.Lock()
 	defer t.mu.Unlock()

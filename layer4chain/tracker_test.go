@@ -3,6 +3,7 @@ package layer4chain
 import (
 	"errors"
 	"net/netip"
+	"runtime"
 	"sync"
 	"testing"
 )
@@ -126,6 +127,44 @@ func TestParseStateRoundTrips(t *testing.T) {
 	if _, err := ParseState("open"); err == nil {
 		t.Fatal("ParseState accepted an unknown state")
 	}
+}
+
+// Empty waits until the Observer has been told of the last removal: a
+// drain that waits for it must find every close line written and every
+// span ended (with a flush right after, the last span was once lost).
+func TestTrackerIsEmptyOnlyAfterTheLastRemovalIsReported(t *testing.T) {
+	tr := NewTracker()
+	reported := closedRecords{infos: make(chan RecordInfo)} // unbuffered: Closed blocks until read
+	tr.Observer = reported
+	r, _ := tr.Admit("s", Limits{}, "", client1)
+	removed := make(chan struct{})
+	go func() {
+		tr.Remove(r, ReasonClientClosed)
+		close(removed)
+	}()
+	// The record has left the tracker, its report is not yet taken.
+	for tr.Len() != 0 {
+		runtime.Gosched()
+	}
+	select {
+	case <-tr.Empty():
+		t.Fatal("Empty before the Observer was told of the removal")
+	default:
+	}
+	// A connection admitted meanwhile keeps it non-empty after the report.
+	r2, _ := tr.Admit("s", Limits{}, "", client1)
+	if info := <-reported.infos; info.Reason != ReasonClientClosed {
+		t.Fatalf("reported %+v", info)
+	}
+	<-removed
+	select {
+	case <-tr.Empty():
+		t.Fatal("Empty with a live record")
+	default:
+	}
+	go tr.Remove(r2, ReasonAdmin)
+	<-reported.infos
+	<-tr.Empty()
 }
 
 // refusals is an Observer that keeps what Refused reports.

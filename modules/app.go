@@ -100,6 +100,13 @@ func (*App) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
+// UnmarshalJSON decodes the app's config strictly, naming the field of a
+// bad value (see strictDecode).
+func (a *App) UnmarshalJSON(b []byte) error {
+	type plain App // the same fields, without this method
+	return strictDecode(b, (*plain)(a))
+}
+
 // Provision checks the config, fills defaults, works out the connection
 // limit and registers the metrics in this config's registry. It changes
 // nothing the running config uses: Start applies the limit.

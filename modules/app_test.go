@@ -2,6 +2,7 @@ package modules
 
 import (
 	"net"
+	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
@@ -45,4 +46,28 @@ func TestRejectedConfigLeavesTheRunningLimitAndLogger(t *testing.T) {
 		}
 	}
 	roundTrip(t, chaintest.Dial(t, addr), "still serving")
+}
+
+// A bad value in the app's config is named by its path, also when it fails
+// in its own decoder (a duration) rather than in the app's checks.
+func TestBadAppConfigFailsNamingTheField(t *testing.T) {
+	for _, tc := range []struct {
+		app  map[string]any
+		want string
+	}{
+		{map[string]any{"sweep_interval": "1 s"}, `sweep_interval: time: unknown unit " s" in duration "1 s"`},
+		{map[string]any{"shutdown_grace": "soon"}, `shutdown_grace: time: invalid duration "soon"`},
+		{map[string]any{"max_connections": "100"}, "max_connections: json: cannot unmarshal string"},
+		{map[string]any{"tracing": map[string]any{"sample_ratio": "all"}}, "tracing.sample_ratio: json: cannot unmarshal string"},
+		{map[string]any{"sweep_intervall": "1s"}, `unknown field "sweep_intervall"`},
+	} {
+		err := caddy.Load(caddyConfigWith(map[string]any{}, "", tc.app), true)
+		if err == nil {
+			_ = caddy.Stop()
+			t.Fatalf("app %v loaded", tc.app)
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("app %v: %v, want it to say %q", tc.app, err, tc.want)
+		}
+	}
 }

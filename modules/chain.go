@@ -202,6 +202,13 @@ type Upstream struct {
 // and that chain does not have yet.
 var notYet = map[string]string{}
 
+// UnmarshalJSON decodes the handler's config strictly, naming the field of
+// a bad value (see strictDecode).
+func (h *Handler) UnmarshalJSON(b []byte) error {
+	type plain Handler // the same fields, without this method
+	return strictDecode(b, (*plain)(h))
+}
+
 // UnmarshalJSON accepts an upstream object or a plain address string. It
 // is strict like Caddy's own decoding: an unknown field fails the load, in
 // check, with the upstream's index.
@@ -233,7 +240,7 @@ func (u *Upstream) UnmarshalJSON(b []byte) error {
 			u.rejected = append(u.rejected, name)
 			continue
 		}
-		if err := json.Unmarshal(v, dst); err != nil {
+		if err := strictDecode(v, dst); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
 	}

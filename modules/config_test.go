@@ -113,6 +113,19 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 		{"port range", map[string]any{"upstreams": []any{"127.0.0.1:9000-9001"}},
 			`upstreams[0].dial: "127.0.0.1:9000-9001" is a port range; give one port per upstream`},
 		{"network without port", map[string]any{"upstreams": []any{"tcp4/127.0.0.1"}}, "upstreams[0].dial: upstream address \"127.0.0.1\" is not host:port"},
+
+		// A value that fails in its own decoder is named by its path.
+		{"duration with a space", map[string]any{"upstreams": ok, "connect_timeout": "5 s"}, `connect_timeout: time: unknown unit " s" in duration "5 s"`},
+		{"nested bad duration", map[string]any{"upstreams": ok, "health_checks": map[string]any{"passive": map[string]any{"fail_duration": "abc"}}},
+			`health_checks.passive.fail_duration: time: invalid duration "abc"`},
+		{"bad duration in accept", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": allow, "timeout": "3 sec"}},
+			`accept_proxy_protocol.timeout: time: unknown unit`},
+		{"number as a string", map[string]any{"upstreams": ok, "max_hops": "8"}, "max_hops: json: cannot unmarshal string"},
+		{"bad value in a list", map[string]any{"upstreams": ok, "forward_tlvs": []any{32, "x"}}, "forward_tlvs[1]: json: cannot unmarshal string"},
+		{"unknown upstream tls field", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"server_nme": "x"}}}},
+			`upstreams[0]: tls: json: unknown field "server_nme"`},
+		{"bad duration in upstream tls", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"handshake_timeout": "1 s"}}}},
+			`upstreams[0]: tls: handshake_timeout: time: unknown unit`},
 	} {
 		t.Run(tc.name, func(t *testing.T) { assertLoadError(t, tc.handler, tc.want) })
 	}

@@ -388,7 +388,20 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 		{"unknown accept option", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\taccept_proxy_protocol {\n\t\t\t\t\t\tdeny 127.0.0.1\n\t\t\t\t\t}\n\t\t\t\t}"),
 			"unknown accept_proxy_protocol option 'deny', at Caddyfile:7"},
 		{"no upstream", wrap("chain {\n\t\t\t\t\tidle_timeout 1s\n\t\t\t\t}"),
-			"chain needs at least one upstream"},
+			"chain needs at least one upstream, at Caddyfile:5"},
+
+		// What only the whole block shows fails at the directive's line,
+		// with the field's JSON name, as loading would.
+		{"upstream without a port", wrap("chain 127.0.0.1"),
+			`upstreams[0].dial: upstream address "127.0.0.1" is not host:port: address 127.0.0.1: missing port in address, at Caddyfile:5`},
+		{"max_hops beyond the TLV", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_hops 300\n\t\t\t\t}"),
+			"max_hops: at most 255, got 300, at Caddyfile:5"},
+		{"max_fails without the breaker", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_fails 3\n\t\t\t\t}"),
+			"health_checks.passive.max_fails: the circuit breaker is off (fail_duration is absent, 0 or negative), so no failure is counted; set fail_duration, at Caddyfile:5"},
+		{"bad CIDR", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\taccept_proxy_protocol {\n\t\t\t\t\t\tallow 127.0.0.1/33\n\t\t\t\t\t}\n\t\t\t\t}"),
+			`accept_proxy_protocol.allow: invalid CIDR "127.0.0.1/33"`},
+		{"forward_tlvs without a header to read", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tproxy_protocol v2\n\t\t\t\t\tforward_tlvs 0x20\n\t\t\t\t}"),
+			"forward_tlvs: there is no header to forward TLVs from; set accept_proxy_protocol, at Caddyfile:5"},
 		{"unknown global option", "{\n\tlayer4chain {\n\t\tgrace 1s\n\t}\n}\n",
 			"unknown layer4chain option 'grace', at Caddyfile:3"},
 		{"duplicate global option", "{\n\tlayer4chain {\n\t\tsweep_interval 1s\n\t\tsweep_interval 2s\n\t}\n}\n",
@@ -400,5 +413,18 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 				t.Fatalf("error %v, want it to contain %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// An address with a placeholder is checked when Caddy loads the config,
+// not when it adapts: {env.*} may be set only where Caddy runs.
+func TestPlaceholderAddressesAdaptWhereTheyAreNotSet(t *testing.T) {
+	t.Setenv("LAYER4CHAIN_TEST_UNSET", "")
+	got, err := adapt(t, "Caddyfile", []byte(wrap("chain {env.LAYER4CHAIN_TEST_UNSET}:7002")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(got, `"{env.LAYER4CHAIN_TEST_UNSET}:7002"`) {
+		t.Fatalf("the address did not adapt as written:\n%s", got)
 	}
 }

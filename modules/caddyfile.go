@@ -82,7 +82,8 @@ func init() {
 // errors with the line, and so are the options of caddy-l4's proxy that
 // chain does not have: each error says what to use instead.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // the directive's name
+	d.Next()        // the directive's name
+	directive := *d // errors about the whole block point at its first line
 	for _, addr := range d.RemainingArgs() {
 		h.Upstreams = append(h.Upstreams, &Upstream{Dial: []string{addr}})
 	}
@@ -170,7 +171,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		h.LoadBalancing = &lb
 	}
 	if len(h.Upstreams) == 0 {
-		return d.Err("chain needs at least one upstream")
+		return directive.Err("chain needs at least one upstream")
+	}
+	if err := h.check(true); err != nil {
+		return directive.WrapErr(err)
 	}
 	return nil
 }

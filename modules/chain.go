@@ -346,7 +346,7 @@ func (*Handler) CaddyModule() caddy.ModuleInfo {
 
 // Provision fills defaults and builds the engine's proxy.
 func (h *Handler) Provision(ctx caddy.Context) error {
-	if err := h.check(); err != nil {
+	if err := h.check(false); err != nil {
 		return err
 	}
 	// The app runs the sweeps, the metrics, the shutdown drain and this
@@ -527,8 +527,12 @@ func uniqueUpstreams(list []*layer4chain.Upstream) []*layer4chain.Upstream {
 }
 
 // check rejects bad values with an error naming the field. It runs in
-// Provision, before anything is built from them, and fills h.dials.
-func (h *Handler) check() error {
+// Provision, before anything is built from them, and fills h.dials; and
+// at the end of UnmarshalCaddyfile (adapting), so that a mistake between
+// options fails `caddy adapt` at the directive's line. Adapting, an
+// address with a placeholder is left for the load: {env.*} may be set only
+// where Caddy runs.
+func (h *Handler) check(adapting bool) error {
 	if len(h.Upstreams) == 0 {
 		return fmt.Errorf("upstreams: at least one upstream is required")
 	}
@@ -551,6 +555,9 @@ func (h *Handler) check() error {
 		}
 		if err := checkUpstreamTLS(i, u.TLS); err != nil {
 			return err
+		}
+		if adapting && strings.Contains(u.Dial[0], "{") {
+			continue
 		}
 		addr, err := dialAddr(u.Dial[0])
 		if err != nil {
@@ -575,6 +582,9 @@ func (h *Handler) check() error {
 	if app := h.AcceptProxyProtocol; app != nil {
 		if len(app.Allow) == 0 && len(app.AllowCertificates) == 0 {
 			return fmt.Errorf("accept_proxy_protocol.allow: empty, so no peer is trusted and every PROXY header would be rejected; list the previous hops' IPs or CIDRs (e.g. \"10.0.0.0/8\") or their certificate names in allow_certificates, or leave accept_proxy_protocol out")
+		}
+		if _, err := parsePrefixes(app.Allow); err != nil {
+			return fmt.Errorf("accept_proxy_protocol.allow: %w", err)
 		}
 		for i, name := range app.AllowCertificates {
 			// Names are compared literally: a pattern would match only a

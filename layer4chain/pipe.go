@@ -99,6 +99,9 @@ type direction struct {
 	// screen, while not nil, holds back src's first bytes until they are
 	// known not to be a PROXY header (client → upstream only; see screen).
 	screen *screen
+	// sniff: src's first chunk is refused if it starts with a PROXY header
+	// (client → upstream only; see Proxy.sniffsHeader).
+	sniff bool
 }
 
 // newPipe makes the pipe of an established connection. It does not close
@@ -295,6 +298,14 @@ func (d *direction) copy() (parked bool) {
 			now := time.Now()
 			d.p.r.touch(now)
 			b := (*buf)[:n]
+			if d.sniff {
+				d.sniff = false
+				if _, _, header := matchSignature(b); header {
+					putBuf(buf)
+					d.reject(ProxyRejectUntrusted, errHeaderNotRead)
+					return
+				}
+			}
 			if d.screen != nil {
 				switch d.screen.next(b, now) {
 				case verdictHold:

@@ -266,6 +266,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.setState(StateEstablished)
 	s.pipe = newPipe(r, client, clientTCP, upConn, p.Timeouts, sc)
 	s.pipe.parkAfter = p.parkAfter
+	s.pipe.up.sniff = len(pending) == 0 && p.sniffsHeader()
 	return s, ReasonNone
 }
 
@@ -337,6 +338,10 @@ type origin struct {
 func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *tls.ConnectionState) (o origin, first []byte, sc *screen, reason CloseReason) {
 	o = origin{client: r.Client, dest: addrPortOf(client.LocalAddr()), session: session}
 	if p.Accept == nil {
+		if _, _, header := matchSignature(pending); header && p.sniffsHeader() {
+			rejectHeader(r, &ProxyRejectError{Reason: ProxyRejectUntrusted, Err: errHeaderNotRead})
+			return o, nil, nil, ReasonProxyProtocolRejected
+		}
 		return o, pending, nil, ReasonNone
 	}
 	acc, trusted := p.Accept.forPeer(r.Client.Addr(), session)
@@ -394,6 +399,14 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 	}
 	return o, pending, nil, ReasonNone
 }
+
+// sniffsHeader says whether the client's first bytes are checked for a
+// PROXY header that this hop does not read: a hop that sends its own
+// header would pass the client's on after it, as payload, which no
+// upstream can use (a previous hop's header, and accept_proxy_protocol
+// forgotten). Only the first chunk is looked at; a hop that sends no
+// header of its own passes every byte on untouched.
+func (p *Proxy) sniffsHeader() bool { return p.Accept == nil && p.EmitVersion != 0 }
 
 // writeFirst sends the PROXY header (if this hop emits one) and the
 // pending bytes to the upstream, in one write.

@@ -366,6 +366,7 @@ func (e *ProxyRejectError) Unwrap() error { return e.Err }
 // Causes used when there is no underlying error to report.
 var (
 	errUntrustedHeader = errors.New("PROXY signature from a peer that is neither in allow nor presents a verified certificate named in allow_certificates")
+	errHeaderNotRead   = errors.New("PROXY header from a peer, but this hop has no accept_proxy_protocol: it sends its own header, and this one would reach the upstream after it as payload; set accept_proxy_protocol with the previous hop in allow")
 	errNoHeader        = errors.New("trusted peer sent data that is not a PROXY header")
 	errV1TooLong       = errors.New("v1 header has no line end within 107 bytes")
 	errV2TooLong       = errors.New("v2 header length exceeds proxyproto.MaxV2HeaderSize")

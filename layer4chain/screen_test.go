@@ -396,3 +396,85 @@ func TestScreenDecidesAlikeForAnySplit(t *testing.T) {
 		}
 	}
 }
+
+// A hop that sends its own header and reads none (accept_proxy_protocol
+// forgotten on an inner hop) refuses a connection whose first bytes are a
+// PROXY header, saying why: passed on, it would reach the upstream after
+// the hop's own header as payload. The upstream sees the hop's header and
+// nothing of the client's. Matched bytes (pending) are looked at before
+// the dial.
+func TestAHopThatReadsNoHeaderRefusesOneItWouldForwardAsPayload(t *testing.T) {
+	v2 := string(mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:25"), ChainID: "outer", Hops: 1}))
+	for _, tc := range []struct {
+		name           string
+		pending, write string
+	}{
+		{"v1", "", "PROXY TCP4 198.51.100.7 127.0.0.1 4000 25\r\nhello"},
+		{"v2", "", v2 + "hello"},
+		{"v2 in the matched bytes", v2, "hello"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkEngineLeaks(t)
+			got := make(chan []byte, 1)
+			backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+				b, _ := io.ReadAll(c)
+				got <- b
+			})
+			closed := closedRecords{make(chan RecordInfo, 1)}
+			tr := NewTracker()
+			tr.Observer = closed
+			var pending []byte
+			if tc.pending != "" {
+				pending = []byte(tc.pending)
+			}
+			h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr), EmitVersion: 1}, pending)
+			c := chaintest.Dial(t, h.Addr)
+			io.WriteString(c, tc.write)
+			if rest, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); len(rest) != 0 {
+				t.Fatalf("client read %q", rest)
+			}
+			info := closedInfo(t, closed)
+			if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "untrusted") ||
+				!strings.Contains(info.Detail, "no accept_proxy_protocol") {
+				t.Fatalf("closed with %s (%q), want proxy_protocol_rejected, untrusted, naming accept_proxy_protocol", info.Reason, info.Detail)
+			}
+			if n := tr.ProxyRejections(ProxyRejectUntrusted); n != 1 {
+				t.Fatalf("untrusted rejections: %d", n)
+			}
+			if pending != nil {
+				// Known before the dial: the upstream is not dialed at all.
+				if n := backend.AcceptedCount(); n != 0 {
+					t.Fatalf("the upstream was dialed %d times", n)
+				}
+				return
+			}
+			select {
+			case b := <-got:
+				if strings.Contains(string(b), "hello") || strings.Count(string(b), "PROXY") > 1 || strings.Contains(string(b), "198.51.100.7") {
+					t.Fatalf("the upstream received the client's header or bytes: %q", b)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the upstream's connection was not closed")
+			}
+		})
+	}
+}
+
+// A hop that sends no header of its own passes every byte on untouched, a
+// header included: a backend behind it may read the header itself.
+func TestAHopThatSendsNoHeaderPassesOneOn(t *testing.T) {
+	checkEngineLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr)}, nil)
+	msg := "PROXY TCP4 198.51.100.7 127.0.0.1 4000 25\r\nhello"
+	c := chaintest.Dial(t, h.Addr)
+	io.WriteString(c, msg)
+	c.CloseWrite()
+	if got, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); string(got) != msg {
+		t.Fatalf("echoed %q, want %q", got, msg)
+	}
+	if r := h.reason(t); r != ReasonUpstreamClosed && r != ReasonClientClosed {
+		t.Fatalf("closed with %s", r)
+	}
+}

@@ -560,10 +560,15 @@ func (d *direction) park() bool {
 		if due = d.p.deadline(d.p.r.State(), d.p.r.LastActivity()); !due.IsZero() && !time.Now().Before(due) {
 			return false
 		}
+	}
+	if !due.IsZero() {
 		if d.timer == nil {
 			d.timer = time.AfterFunc(time.Hour, d.wake)
 			d.timer.Stop()
 		}
+		// Set before parking, so that whoever finishes d while parked
+		// (settleParked, done) stops it after this, never before.
+		d.timer.Reset(time.Until(due))
 	}
 	var armed, taken bool
 	err := d.raw.Control(func(fd uintptr) {
@@ -577,15 +582,15 @@ func (d *direction) park() bool {
 		return true
 	}
 	if err != nil || !armed {
+		d.stopTimer()
 		return false
-	}
-	if !due.IsZero() {
-		d.timer.Reset(time.Until(due))
 	}
 	// What allowed parking may have changed meanwhile: the other direction
 	// ended (half-close) or the pipe failed. Each of those looks at the
 	// park state after changing, so one side or the other sees the change.
-	if d.p.closing.Load() || d.p.r.State() != StateEstablished {
+	// And a timer that fired before d was parked woke nothing: then the
+	// limit is due, and d goes on running to enforce it.
+	if d.p.closing.Load() || d.p.r.State() != StateEstablished || (!due.IsZero() && !time.Now().Before(due)) {
 		if d.unpark() {
 			pk.forget(d)
 			return false

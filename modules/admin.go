@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 
@@ -119,6 +120,9 @@ func (adminAPI) handleConnection(w http.ResponseWriter, r *http.Request) error {
 	if err := allowMethods(r, http.MethodGet, http.MethodDelete); err != nil {
 		return err
 	}
+	if err := noParameters(r); err != nil {
+		return err
+	}
 	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
 	if err != nil {
 		return apiError(http.StatusBadRequest, "invalid connection id %q: want a positive integer", r.PathValue("id"))
@@ -127,10 +131,15 @@ func (adminAPI) handleConnection(w http.ResponseWriter, r *http.Request) error {
 	if !ok {
 		return apiError(http.StatusNotFound, "no live connection with id %d", id)
 	}
-	if r.Method == http.MethodDelete {
-		rec.Close(layer4chain.ReasonAdmin)
+	if r.Method != http.MethodDelete {
+		return writeJSON(w, rec.InfoWithSockets())
 	}
-	return writeJSON(w, rec.InfoWithSockets())
+	rec.Close(layer4chain.ReasonAdmin)
+	info := rec.InfoWithSockets()
+	// Closing has begun, whether or not the connection's goroutine (or
+	// the parker, for a quiet one) has taken the closing state yet.
+	info.State = layer4chain.StateClosing
+	return writeJSON(w, info)
 }
 
 func (adminAPI) handleStats(w http.ResponseWriter, r *http.Request) error {
@@ -196,6 +205,11 @@ func parseListQuery(r *http.Request) (listQuery, error) {
 
 // add reads one parameter.
 func (q *listQuery) add(key, v string) error {
+	if v == "" && key != "limit" && key != "after" {
+		// Not "no filter": a script that filled it from an empty variable
+		// would act on every connection.
+		return apiError(http.StatusBadRequest, "filter %s: empty value", key)
+	}
 	switch key {
 	case "state":
 		s, err := layer4chain.ParseState(v)
@@ -204,7 +218,8 @@ func (q *listQuery) add(key, v string) error {
 		}
 		q.states = append(q.states, s)
 	case "upstream":
-		q.upstreams = append(q.upstreams, v)
+		// As the config spells it too: "tcp/h:p" is the upstream "h:p".
+		q.upstreams = append(q.upstreams, strings.TrimPrefix(v, "tcp/"))
 	case "chain_id":
 		q.chainIDs = append(q.chainIDs, v)
 	case "client":

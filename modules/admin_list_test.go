@@ -93,6 +93,7 @@ func TestConnectionListPagesAndFilters(t *testing.T) {
 		"?client=127.0.0.2&upstream=" + backend.Addr:     3,
 		"?client=127.0.0.2&upstream=127.0.0.1:1":         0,
 		"?upstream=127.0.0.1:1&upstream=" + backend.Addr: 7,
+		"?upstream=tcp/" + backend.Addr:                  7, // as a config may spell it
 		"?chain_id=" + all[0].ChainID + "&chain_id=" + all[6].ChainID + "&chain_id=" + all[0].ChainID: 2,
 		"?chain_id=" + all[0].ChainID + "&client=127.0.0.2":                                           0,
 		"?client=127.0.0.2&limit=2": 2,
@@ -116,6 +117,10 @@ func TestConnectionListPagesAndFilters(t *testing.T) {
 		"?page=2":                      "page",
 		"?limit=2&limit=3":             "limit: given 2 times",
 		"?after=1&limit=2&after=5":     "after: given 2 times",
+		"?chain_id=":                   "filter chain_id: empty value",
+		"?upstream=":                   "filter upstream: empty value",
+		"?client=&client=127.0.0.2":    "filter client: empty value",
+		"?state=":                      "filter state: empty value",
 	} {
 		status, body := admin.do(http.MethodGet, "/layer4chain/connections"+query)
 		var e struct{ Error string }

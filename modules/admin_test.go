@@ -228,9 +228,16 @@ func TestDeleteClosesOneConnectionWithReasonAdmin(t *testing.T) {
 	if len(list) != 1 {
 		t.Fatalf("filter by client found %d connections, want 1", len(list))
 	}
+	if status, _ := admin.do(http.MethodDelete, fmt.Sprintf("/layer4chain/connections/%d?force=1", list[0].ID)); status != http.StatusBadRequest {
+		t.Fatalf("DELETE with an unknown parameter: %d, want 400 (and nothing closed)", status)
+	}
 	status, body := admin.do(http.MethodDelete, fmt.Sprintf("/layer4chain/connections/%d", list[0].ID))
 	if status != http.StatusOK {
 		t.Fatalf("DELETE: %d %s", status, body)
+	}
+	var deleted layer4chain.RecordInfo
+	if err := json.Unmarshal(body, &deleted); err != nil || deleted.State != layer4chain.StateClosing || deleted.Reason != layer4chain.ReasonAdmin {
+		t.Fatalf("DELETE answered %s (%v), want the connection, closing, reason admin", body, err)
 	}
 	if _, elapsed, _ := chaintest.ReadUntilClosed(victim, 3*time.Second); elapsed > time.Second {
 		t.Fatalf("deleted connection closed after %v", elapsed)

@@ -22,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 )
@@ -121,7 +122,9 @@ func cliCommand(cmd *cobra.Command, run cliRun, filters ...string) *cobra.Comman
 	if cmd.Name() == "trace" {
 		cmd.Flags().StringArray("admin", []string{caddy.DefaultAdminListen}, "admin API address of a hop (repeat for each hop)")
 	} else {
-		cmd.Flags().String("admin", caddy.DefaultAdminListen, "admin API address")
+		// An array too, so that a second --admin is refused rather than
+		// silently taking the place of the first (see adminFlag).
+		cmd.Flags().StringArray("admin", []string{caddy.DefaultAdminListen}, "admin API address")
 	}
 	cmd.Flags().Bool("json", false, "print JSON (the admin API's field names) instead of a table")
 	for _, f := range filters {
@@ -172,13 +175,21 @@ func adminAddress(v string) (string, error) {
 	case strings.HasPrefix(v, "https://"):
 		return "", fmt.Errorf("--admin %q: the admin API this command asks is plain HTTP: give its host:port", v)
 	}
-	addr := strings.TrimSuffix(strings.TrimPrefix(v, "http://"), "/")
+	addr, isURL := strings.CutPrefix(v, "http://")
+	addr = strings.TrimSuffix(addr, "/")
 	if addr == "" {
 		return "", errors.New("--admin: empty address")
 	}
+	if _, path, ok := strings.Cut(addr, "/"); ok && isURL {
+		return "", fmt.Errorf("--admin %q: the admin API's address has no path (got /%s): give http://host:port or host:port", v, path)
+	}
 	na, err := caddy.ParseNetworkAddress(addr)
-	if err == nil && na.PortRangeSize() > 1 {
+	switch {
+	case err != nil:
+	case na.PortRangeSize() > 1:
 		err = errors.New("a port range; want one port")
+	case !na.IsUnixNetwork() && na.StartPort == 0:
+		err = fmt.Errorf("no port; Caddy's default admin address is %s", caddy.DefaultAdminListen)
 	}
 	if err != nil {
 		return "", fmt.Errorf("--admin %q: %v", v, err)
@@ -186,14 +197,13 @@ func adminAddress(v string) (string, error) {
 	return addr, nil
 }
 
-// adminFlag reads the command's --admin values.
+// adminFlag reads the command's --admin values: one per hop for trace,
+// exactly one for the other commands, whose connection IDs are one
+// process's.
 func adminFlag(cmd *cobra.Command) ([]string, error) {
-	var values []string
-	if cmd.Name() == "trace" {
-		values, _ = cmd.Flags().GetStringArray("admin")
-	} else {
-		v, _ := cmd.Flags().GetString("admin")
-		values = []string{v}
+	values := flagValues(cmd, "admin")
+	if len(values) > 1 && cmd.Name() != "trace" {
+		return nil, fmt.Errorf("--admin given %d times: %s asks one hop's admin API (only trace takes one --admin per hop)", len(values), cmd.Name())
 	}
 	addrs := make([]string, 0, len(values))
 	for _, v := range values {
@@ -325,11 +335,23 @@ func listAll(addr string, filters url.Values) ([]layer4chain.RecordInfo, error) 
 	}
 }
 
+// flagValues returns the values given to a repeatable flag, as given:
+// pflag's GetStringArray turns a lone empty value into no value at all.
+func flagValues(cmd *cobra.Command, name string) []string {
+	return cmd.Flags().Lookup(name).Value.(pflag.SliceValue).GetSlice()
+}
+
 func runList(cmd *cobra.Command, _ []string, out io.Writer) error {
 	filters := url.Values{}
-	for flag, param := range map[string]string{"state": "state", "upstream": "upstream", "client": "client", "chain-id": "chain_id"} {
-		if vs, _ := cmd.Flags().GetStringArray(flag); len(vs) > 0 {
-			filters[param] = vs
+	for _, flag := range []string{"state", "upstream", "client", "chain-id"} {
+		vs := flagValues(cmd, flag)
+		if slices.Contains(vs, "") {
+			// Dropped, it would list every connection: a script's
+			// `list --chain-id "$ID" | kill` must not kill them all.
+			return fmt.Errorf("--%s: empty value", flag)
+		}
+		if len(vs) > 0 {
+			filters[strings.ReplaceAll(flag, "-", "_")] = vs
 		}
 	}
 	admin, err := adminFlag(cmd)

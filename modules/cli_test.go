@@ -135,6 +135,14 @@ func TestCLIListPagesThroughEveryRecordAndPassesFilters(t *testing.T) {
 		t.Fatalf("the filters reached the admin API as %v", q)
 	}
 
+	// An empty value is refused, not dropped: dropped, `list --chain-id
+	// "$ID"` with $ID unset would list (and a script kill) everything.
+	for _, flag := range []string{"--chain-id", "--upstream", "--client", "--state"} {
+		if _, err := runCLI(t, "list", "--admin", admin.addr, flag, ""); err == nil || !strings.Contains(err.Error(), flag+": empty value") {
+			t.Errorf("list %s '': %v, want an error naming the flag", flag, err)
+		}
+	}
+
 	admin.queries = nil
 	out, err = runCLI(t, "list", "--admin", admin.addr, "--json")
 	if err != nil {
@@ -323,14 +331,22 @@ func TestCLIAdminAddresses(t *testing.T) {
 		}
 	}
 	for arg, mention := range map[string]string{
-		admin.addr + "," + admin.addr: "repeat --admin for each hop",
-		"https://" + admin.addr:       "plain HTTP",
-		"localhost:2019-2020":         "port range",
-		"":                            "empty",
+		admin.addr + "," + admin.addr:      "repeat --admin for each hop",
+		"https://" + admin.addr:            "plain HTTP",
+		"localhost:2019-2020":              "port range",
+		"":                                 "empty",
+		"127.0.0.1":                        "no port; Caddy's default admin address is localhost:2019",
+		"http://" + admin.addr + "/config": "has no path (got /config)",
 	} {
 		if _, err := runCLI(t, "stats", "--admin", arg); err == nil || !strings.Contains(err.Error(), mention) {
 			t.Errorf("stats --admin %q: %v, want an error mentioning %q", arg, err, mention)
 		}
+	}
+	// Connection IDs are one process's: kill must not act on whichever
+	// --admin came last.
+	if _, err := runCLI(t, "kill", "1", "--admin", "127.0.0.1:1", "--admin", admin.addr); err == nil ||
+		!strings.Contains(err.Error(), "--admin given 2 times: kill asks one hop's admin API") || len(admin.deleted) != 0 {
+		t.Errorf("kill with two --admin: %v (%d deleted)", err, len(admin.deleted))
 	}
 	if _, err := runCLI(t, "trace", "c", "--admin", admin.addr, "--admin", "a:1,b:2"); err == nil ||
 		!strings.Contains(err.Error(), `"a:1,b:2"`) || len(admin.queries) != 0 {

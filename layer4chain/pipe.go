@@ -99,8 +99,8 @@ type direction struct {
 	// screen, while not nil, holds back src's first bytes until they are
 	// known not to be a PROXY header (client → upstream only; see screen).
 	screen *screen
-	// sniff: src's first chunk is refused if it starts with a PROXY header
-	// (client → upstream only; see Proxy.sniffsHeader).
+	// sniff: src's first chunk is screened if it could start a PROXY
+	// header (client → upstream only; see Proxy.sniffsHeader).
 	sniff bool
 }
 
@@ -300,10 +300,8 @@ func (d *direction) copy() (parked bool) {
 			b := (*buf)[:n]
 			if d.sniff {
 				d.sniff = false
-				if _, _, header := matchSignature(b); header {
-					putBuf(buf)
-					d.reject(ProxyRejectUntrusted, errHeaderNotRead)
-					return
+				if v1, v2, _ := matchSignature(b); v1 || v2 {
+					d.screen = headerNotReadScreen()
 				}
 			}
 			if d.screen != nil {
@@ -313,7 +311,7 @@ func (d *direction) copy() (parked bool) {
 					d.armRead() // the held prefix has a deadline of its own
 				case verdictReject:
 					putBuf(buf)
-					d.reject(ProxyRejectUntrusted, errUntrustedHeader)
+					d.reject(ProxyRejectUntrusted, d.screen.refusal)
 					return
 				case verdictForward:
 					if !d.release(now) {

@@ -266,7 +266,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.setState(StateEstablished)
 	s.pipe = newPipe(r, client, clientTCP, upConn, p.Timeouts, sc)
 	s.pipe.parkAfter = p.parkAfter
-	s.pipe.up.sniff = len(pending) == 0 && p.sniffsHeader()
+	s.pipe.up.sniff = len(pending) == 0 && sc == nil && p.sniffsHeader()
 	return s, ReasonNone
 }
 
@@ -338,23 +338,16 @@ type origin struct {
 func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *tls.ConnectionState) (o origin, first []byte, sc *screen, reason CloseReason) {
 	o = origin{client: r.Client, dest: addrPortOf(client.LocalAddr()), session: session}
 	if p.Accept == nil {
-		if _, _, header := matchSignature(pending); header && p.sniffsHeader() {
-			rejectHeader(r, &ProxyRejectError{Reason: ProxyRejectUntrusted, Err: errHeaderNotRead})
-			return o, nil, nil, ReasonProxyProtocolRejected
+		if !p.sniffsHeader() || len(pending) == 0 {
+			return o, pending, nil, ReasonNone // the pipe sniffs, if at all
 		}
-		return o, pending, nil, ReasonNone
+		first, sc, reason := p.screenPending(r, pending)
+		return o, first, sc, reason
 	}
 	acc, trusted := p.Accept.forPeer(r.Client.Addr(), session)
 	if !trusted {
-		sc = &screen{timeout: p.Accept.timeout()}
-		switch sc.next(pending, time.Now()) {
-		case verdictForward:
-			return o, pending, nil, ReasonNone
-		case verdictReject:
-			rejectHeader(r, &ProxyRejectError{Reason: ProxyRejectUntrusted, Err: errUntrustedHeader})
-			return o, nil, nil, ReasonProxyProtocolRejected
-		}
-		return o, nil, sc, ReasonNone
+		first, sc, reason := p.screenPending(r, pending)
+		return o, first, sc, reason
 	}
 	pr := &prefixedConn{Conn: client, pending: pending}
 	info, rest, err := acc.Accept(pr, r.Client.Addr())
@@ -404,9 +397,25 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 // PROXY header that this hop does not read: a hop that sends its own
 // header would pass the client's on after it, as payload, which no
 // upstream can use (a previous hop's header, and accept_proxy_protocol
-// forgotten). Only the first chunk is looked at; a hop that sends no
-// header of its own passes every byte on untouched.
+// forgotten). When the first bytes could start a signature the client is
+// screened like an untrusted one; a hop that sends no header of its own
+// passes every byte on untouched.
 func (p *Proxy) sniffsHeader() bool { return p.Accept == nil && p.EmitVersion != 0 }
+
+// screenPending shows a screened client's pending bytes to a new screen:
+// they go on first, or are refused as a header, or are held, and the pipe
+// screens on (sc not nil).
+func (p *Proxy) screenPending(r *Record, pending []byte) (first []byte, sc *screen, reason CloseReason) {
+	sc = p.newScreen()
+	switch sc.next(pending, time.Now()) {
+	case verdictForward:
+		return pending, nil, ReasonNone
+	case verdictReject:
+		rejectHeader(r, &ProxyRejectError{Reason: ProxyRejectUntrusted, Err: sc.refusal})
+		return nil, nil, ReasonProxyProtocolRejected
+	}
+	return nil, sc, ReasonNone
+}
 
 // writeFirst sends the PROXY header (if this hop emits one) and the
 // pending bytes to the upstream, in one write.

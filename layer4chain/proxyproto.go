@@ -802,10 +802,17 @@ func nilIfEmpty(b []byte) []byte {
 // server may speak first. But a header sent later must still be refused, and
 // none of it may reach the upstream, which would take it for the client's
 // own bytes. Only the client→upstream direction uses a screen.
+//
+// A hop that sends a header of its own and reads none screens its clients
+// the same way (see Proxy.sniffsHeader), from the first byte that could
+// start a signature.
 type screen struct {
 	// timeout bounds how long a held prefix may take to become a signature
 	// or diverge from one, as it bounds a header in Accept.
 	timeout time.Duration
+	// refusal is why a whole signature is refused (a ProxyRejectUntrusted
+	// cause).
+	refusal error
 	held    [len(v2Sig)]byte
 	n       int
 	since   time.Time // when the first held byte arrived
@@ -856,6 +863,21 @@ func (s *screen) deadline() time.Time {
 		return time.Time{}
 	}
 	return s.since.Add(s.timeout)
+}
+
+// newScreen returns a screen for a client whose header this hop does not
+// read: by policy (an untrusted peer), or because it reads none at all.
+func (p *Proxy) newScreen() *screen {
+	if p.Accept == nil {
+		return headerNotReadScreen()
+	}
+	return &screen{timeout: p.Accept.timeout(), refusal: errUntrustedHeader}
+}
+
+// headerNotReadScreen is the screen of a hop that reads no header at all:
+// it has no timeout of its own configured.
+func headerNotReadScreen() *screen {
+	return &screen{timeout: DefaultProxyTimeout, refusal: errHeaderNotRead}
 }
 
 // rejectHeader counts a refused PROXY header in r's tracker and records why.

@@ -406,13 +406,18 @@ func TestScreenDecidesAlikeForAnySplit(t *testing.T) {
 func TestAHopThatReadsNoHeaderRefusesOneItWouldForwardAsPayload(t *testing.T) {
 	v2 := string(mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
 		Destination: netip.MustParseAddrPort("127.0.0.1:25"), ChainID: "outer", Hops: 1}))
+	v1 := "PROXY TCP4 198.51.100.7 127.0.0.1 4000 25\r\n"
 	for _, tc := range []struct {
-		name           string
-		pending, write string
+		name    string
+		pending string
+		writes  []string // with a pause between them
 	}{
-		{"v1", "", "PROXY TCP4 198.51.100.7 127.0.0.1 4000 25\r\nhello"},
-		{"v2", "", v2 + "hello"},
-		{"v2 in the matched bytes", v2, "hello"},
+		{"v1", "", []string{v1 + "hello"}},
+		{"v2", "", []string{v2 + "hello"}},
+		{"v1 split in the signature", "", []string{"PRO", "XY" + v1[5:] + "hello"}},
+		{"v2 split in the signature", "", []string{v2[:5], v2[5:] + "hello"}},
+		{"v2 in the matched bytes", v2, []string{"hello"}},
+		{"part of v1 in the matched bytes", "PROXY", []string{v1[5:] + "hello"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkEngineLeaks(t)
@@ -430,7 +435,12 @@ func TestAHopThatReadsNoHeaderRefusesOneItWouldForwardAsPayload(t *testing.T) {
 			}
 			h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr), EmitVersion: 1}, pending)
 			c := chaintest.Dial(t, h.Addr)
-			io.WriteString(c, tc.write)
+			for i, w := range tc.writes {
+				if i > 0 {
+					time.Sleep(50 * time.Millisecond) // the pieces arrive apart: what is tested
+				}
+				io.WriteString(c, w)
+			}
 			if rest, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); len(rest) != 0 {
 				t.Fatalf("client read %q", rest)
 			}
@@ -442,7 +452,7 @@ func TestAHopThatReadsNoHeaderRefusesOneItWouldForwardAsPayload(t *testing.T) {
 			if n := tr.ProxyRejections(ProxyRejectUntrusted); n != 1 {
 				t.Fatalf("untrusted rejections: %d", n)
 			}
-			if pending != nil {
+			if len(pending) >= len(v2Sig) {
 				// Known before the dial: the upstream is not dialed at all.
 				if n := backend.AcceptedCount(); n != 0 {
 					t.Fatalf("the upstream was dialed %d times", n)
@@ -456,6 +466,57 @@ func TestAHopThatReadsNoHeaderRefusesOneItWouldForwardAsPayload(t *testing.T) {
 				}
 			case <-time.After(5 * time.Second):
 				t.Fatal("the upstream's connection was not closed")
+			}
+		})
+	}
+}
+
+// On a hop that sends a header and reads none, bytes that only start like
+// a header are the client's: once they diverge, or the client ends, they
+// reach the upstream whole, after the hop's header.
+func TestAHopThatReadsNoHeaderForwardsWhatOnlyStartsLikeOne(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		pending string
+		writes  []string
+	}{
+		{"diverges", "", []string{"PRO", "MPT\r\n"}},
+		{"diverges after matched bytes", "PROX", []string{"IMA\r\n"}},
+		{"ends", "", []string{"PRO"}},
+		{"ordinary", "", []string{"GET / HTTP/1.0\r\nX: PROXY TCP4\r\n\r\n"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			checkEngineLeaks(t)
+			got := make(chan []byte, 1)
+			backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+				b, _ := io.ReadAll(c)
+				got <- b
+			})
+			var pending []byte
+			if tc.pending != "" {
+				pending = []byte(tc.pending)
+			}
+			h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr), EmitVersion: 1}, pending)
+			c := chaintest.Dial(t, h.Addr)
+			for i, w := range tc.writes {
+				if i > 0 {
+					time.Sleep(50 * time.Millisecond)
+				}
+				io.WriteString(c, w)
+			}
+			c.CloseWrite()
+			want := tc.pending + strings.Join(tc.writes, "")
+			select {
+			case b := <-got:
+				if _, rest, ok := strings.Cut(string(b), "\r\n"); !ok || !strings.HasPrefix(string(b), "PROXY TCP4 127.0.0.1 ") || rest != want {
+					t.Fatalf("the upstream received %q, want the hop's header then %q", b, want)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the upstream's connection was not closed")
+			}
+			c.Close()
+			if r := h.reason(t); r != ReasonClientClosed && r != ReasonUpstreamClosed {
+				t.Fatalf("closed with %s", r)
 			}
 		})
 	}

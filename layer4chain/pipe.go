@@ -341,8 +341,14 @@ func (d *direction) copy() (parked bool) {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			now := time.Now()
 			if sdl := d.screen.deadline(); !sdl.IsZero() && !now.Before(sdl) {
-				d.reject(ProxyRejectTimeout, err)
-				return
+				if !d.screen.stallForwards {
+					d.reject(ProxyRejectTimeout, err)
+					return
+				}
+				// Not a header after all: the client's own bytes.
+				if !d.release(now) {
+					return
+				}
 			}
 			if reason, expired := d.p.expired(now); expired {
 				d.p.fail(reason, false)

@@ -813,6 +813,9 @@ type screen struct {
 	// refusal is why a whole signature is refused (a ProxyRejectUntrusted
 	// cause).
 	refusal error
+	// stallForwards: a held prefix that stalls for timeout is the
+	// client's own bytes, forwarded, not a slow header, refused.
+	stallForwards bool
 	held    [len(v2Sig)]byte
 	n       int
 	since   time.Time // when the first held byte arrived
@@ -874,11 +877,17 @@ func (p *Proxy) newScreen() *screen {
 	return &screen{timeout: p.Accept.timeout(), refusal: errUntrustedHeader}
 }
 
-// headerNotReadScreen is the screen of a hop that reads no header at all:
-// it has no timeout of its own configured.
+// headerNotReadScreen is the screen of a hop that reads no header at all,
+// whose clients are mostly direct ones: one that sends "\r\n" or "P" and
+// waits for an answer is held briefly (sniffHold), then served. A header
+// from a previous hop arrives whole, or its pieces well within that time.
 func headerNotReadScreen() *screen {
-	return &screen{timeout: DefaultProxyTimeout, refusal: errHeaderNotRead}
+	return &screen{timeout: sniffHold, refusal: errHeaderNotRead, stallForwards: true}
 }
+
+// sniffHold is how long a hop that reads no header holds first bytes that
+// may start one.
+const sniffHold = 200 * time.Millisecond
 
 // rejectHeader counts a refused PROXY header in r's tracker and records why.
 func rejectHeader(r *Record, rej *ProxyRejectError) {

@@ -1,6 +1,7 @@
 package layer4chain
 
 import (
+	"bufio"
 	"io"
 	"net"
 	"net/netip"
@@ -519,6 +520,41 @@ func TestAHopThatReadsNoHeaderForwardsWhatOnlyStartsLikeOne(t *testing.T) {
 				t.Fatalf("closed with %s", r)
 			}
 		})
+	}
+}
+
+// A direct client whose first message could start a header ("\r\n", as a
+// telnet user's first Enter) and who then waits for an answer is held only
+// briefly by a hop that reads no header, then served: not refused as a
+// slow header, as an untrusted peer of a hop that reads them would be.
+func TestAHopThatReadsNoHeaderServesAStalledPrefix(t *testing.T) {
+	checkEngineLeaks(t)
+	// Echoes what follows the hop's v1 header line.
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+		br := bufio.NewReader(c)
+		if _, err := br.ReadString('\n'); err == nil {
+			// Hidden behind plain interfaces: no splice(2), whose pipes Go
+			// keeps pooled (they would count as leaked descriptors).
+			io.Copy(struct{ io.Writer }{c}, struct{ io.Reader }{br})
+		}
+	})
+	h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr), EmitVersion: 1}, nil)
+	c := chaintest.Dial(t, h.Addr)
+	start := time.Now()
+	io.WriteString(c, "\r\n")
+	c.SetReadDeadline(time.Now().Add(2 * time.Second)) // under DefaultProxyTimeout
+	got := make([]byte, 2)
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "\r\n" {
+		t.Fatalf("read %q, %v after %v; want the echo", got, err, time.Since(start))
+	}
+	io.WriteString(c, "PROXY later is data\r\n") // screening is over
+	got = make([]byte, len("PROXY later is data\r\n"))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("second echo: %v", err)
+	}
+	c.Close()
+	if r := h.reason(t); r != ReasonClientClosed && r != ReasonUpstreamClosed {
+		t.Fatalf("closed with %s", r)
 	}
 }
 

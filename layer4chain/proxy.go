@@ -219,6 +219,13 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return nil, ReasonLimitExceeded
 	}
 
+	// The header depends on nothing the dial decides: made first, a header
+	// that cannot be sent costs no upstream connection.
+	first, reason := p.firstBytes(r, o, pending)
+	if reason != ReasonNone {
+		return nil, reason
+	}
+
 	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr())
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
@@ -254,7 +261,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		_ = upConn.Close()
 	})
 
-	if reason := p.writeFirst(r, upConn, o, pending); reason != ReasonNone {
+	if reason := p.writeFirst(r, upConn, first, len(pending)); reason != ReasonNone {
 		s.release()
 		return nil, reason
 	}
@@ -417,23 +424,31 @@ func (p *Proxy) screenPending(r *Record, pending []byte) (first []byte, sc *scre
 	return nil, sc, ReasonNone
 }
 
-// writeFirst sends the PROXY header (if this hop emits one) and the
-// pending bytes to the upstream, in one write.
-func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte) CloseReason {
-	first := pending
-	if p.EmitVersion != 0 {
-		hdr := ProxyHeader{Version: p.EmitVersion, Source: o.client, Destination: o.dest,
-			ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority, CRC32C: p.EmitCRC32C, TraceParent: o.next}
-		if p.EmitVersion == 2 {
-			hdr.TLVs = headerTLVs(o)
-		}
-		b, err := hdr.AppendTo(make([]byte, 0, 256+len(pending)))
-		if err != nil {
-			r.setDetail(fmt.Errorf("encoding the PROXY header: %w", err))
-			return ReasonConnectFailed
-		}
-		first = append(b, pending...)
+// firstBytes returns what goes to the upstream before the pipe starts: the
+// PROXY header, if this hop emits one, and the pending bytes. A header that
+// cannot be encoded is one whose forwarded TLVs would not fit in a v2
+// header: the received header is refused as malformed for this hop.
+func (p *Proxy) firstBytes(r *Record, o origin, pending []byte) ([]byte, CloseReason) {
+	if p.EmitVersion == 0 {
+		return pending, ReasonNone
 	}
+	hdr := ProxyHeader{Version: p.EmitVersion, Source: o.client, Destination: o.dest,
+		ChainID: o.chainID, Hops: o.hops + 1, Authority: o.authority, CRC32C: p.EmitCRC32C, TraceParent: o.next}
+	if p.EmitVersion == 2 {
+		hdr.TLVs = headerTLVs(o)
+	}
+	b, err := hdr.AppendTo(make([]byte, 0, 256+len(pending)))
+	if err != nil {
+		rejectHeader(r, &ProxyRejectError{Reason: ProxyRejectMalformed,
+			Err: fmt.Errorf("the header to send upstream, with the forwarded TLVs, cannot be encoded: %w", err)})
+		return nil, ReasonProxyProtocolRejected
+	}
+	return append(b, pending...), ReasonNone
+}
+
+// writeFirst sends first (see firstBytes) to the upstream, in one write;
+// the last pending of its bytes are the client's.
+func (p *Proxy) writeFirst(r *Record, upConn net.Conn, first []byte, pending int) CloseReason {
 	if len(first) == 0 {
 		return ReasonNone
 	}
@@ -442,7 +457,7 @@ func (p *Proxy) writeFirst(r *Record, upConn net.Conn, o origin, pending []byte)
 		return ReasonUpstreamReset
 	}
 	_ = upConn.SetWriteDeadline(time.Time{})
-	r.bytesUp.Add(int64(len(pending)))
+	r.bytesUp.Add(int64(pending))
 	return ReasonNone
 }
 

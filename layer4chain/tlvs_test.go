@@ -301,3 +301,32 @@ func TestTLSSessionTLVsDescribeTheHandshake(t *testing.T) {
 		t.Fatal("TLVs for no session")
 	}
 }
+
+// A received header whose forwarded TLVs would not fit in the v2 header
+// this hop sends (with the chain ID it makes, the header had none) is
+// refused before any dial (it used to dial, send
+// nothing and close as connect_failed); one that fits goes on.
+func TestForwardedTLVsTooLongForTheNextHeaderAreRefusedBeforeTheDial(t *testing.T) {
+	checkEngineLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	closed := closedRecords{make(chan RecordInfo, 1)}
+	tr := NewTracker()
+	tr.Observer = closed
+	h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr), EmitVersion: 2, ForwardTLVs: []byte{0xE5},
+		Accept: &ProxyAcceptor{Allow: loopbackAllow}}, nil)
+	hdr := mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:443"),
+		TLVs:        []proxyproto.TLV{{Type: 0xE5, Value: bytes.Repeat([]byte("x"), 4060)}}})
+	c := chaintest.Dial(t, h.Addr)
+	c.Write(append(hdr, "x"...))
+	if got, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); len(got) != 0 {
+		t.Fatalf("client read %.80q", got)
+	}
+	info := closedInfo(t, closed)
+	if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "forwarded TLVs") {
+		t.Fatalf("reason %s, detail %q; want proxy_protocol_rejected naming the forwarded TLVs", info.Reason, info.Detail)
+	}
+	if tr.ProxyRejections(ProxyRejectMalformed) != 1 || backend.AcceptedCount() != 0 {
+		t.Fatalf("malformed rejections %d, backend dials %d; want 1 and 0", tr.ProxyRejections(ProxyRejectMalformed), backend.AcceptedCount())
+	}
+}

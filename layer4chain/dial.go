@@ -164,11 +164,11 @@ var errNoHealthyUpstream = errors.New("every upstream is unhealthy, open or full
 // upstream. An empty order is a connect_failed DialError. Dial never
 // panics.
 func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (net.Conn, *Upstream, error) {
-	return d.dial(ctx, order, nil)
+	return d.dial(ctx, order, nil, nil)
 }
 
 // dial is Dial, recording failed attempts in rec when it is not nil.
-func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (net.Conn, *Upstream, error) {
+func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resolve func(string) string) (net.Conn, *Upstream, error) {
 	nd := d.netDialer()
 	var last *DialError
 	var triedBuf [8]*Upstream
@@ -193,7 +193,7 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (net.
 		}
 		tried = append(tried, u)
 		start := time.Now()
-		c, err := d.connect(ctx, &nd, u, start)
+		c, err := d.connect(ctx, &nd, u, start, resolve)
 		took := time.Since(start)
 		if d.OnAttempt != nil {
 			d.OnAttempt(u.Addr, took, err)
@@ -214,7 +214,13 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (net.
 			}
 			return nil, nil, &DialError{Upstream: u.Addr, Reason: ClassifyDialError(ctxErr), Err: err}
 		}
-		u.failed(a, d.Passive, err)
+		if errors.Is(err, errUnresolvedUpstream) {
+			// This connection made no address of the template: not the
+			// upstream's failure, so no step towards opening its circuit.
+			u.abandoned(a)
+		} else {
+			u.failed(a, d.Passive, err)
+		}
 		d.report(last)
 		if rec != nil {
 			rec.addFailedDial(DialAttempt{Upstream: u.Addr, Reason: last.Reason, Error: err.Error(), Duration: took})
@@ -234,8 +240,22 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record) (net.
 
 // connect makes one attempt on u: the TCP connect and, when u is dialed
 // over TLS, the handshake, both within one connect timeout from start.
-func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start time.Time) (net.Conn, error) {
-	c, err := nd.DialContext(ctx, u.network(), u.hostPort())
+//
+// An upstream whose address has placeholders (a template) is dialed at
+// what resolve makes of it for this connection; its health, limits and
+// metrics stay the template's.
+func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start time.Time, resolve func(string) string) (net.Conn, error) {
+	hostPort := u.hostPort()
+	if u.template {
+		if resolve == nil {
+			return nil, fmt.Errorf("%w: %q has placeholders and nothing to fill them", errUnresolvedUpstream, u.Addr)
+		}
+		hostPort = resolve(hostPort)
+		if err := validateHostPort(hostPort); err != nil {
+			return nil, fmt.Errorf("%w: %q for this connection: %w", errUnresolvedUpstream, u.Addr, err)
+		}
+	}
+	c, err := nd.DialContext(ctx, u.network(), hostPort)
 	if err != nil {
 		return nil, err
 	}
@@ -252,6 +272,10 @@ func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start
 	cfg := d.TLS(u)
 	if cfg == nil {
 		return tc, nil
+	}
+	if resolve != nil && HasPlaceholder(cfg.ServerName) {
+		cfg = cfg.Clone()
+		cfg.ServerName = resolve(cfg.ServerName)
 	}
 	return clientHandshake(ctx, tc, cfg, start.Add(d.connectTimeout()))
 }
@@ -317,6 +341,16 @@ func addrOf(u *Upstream) string {
 		return ""
 	}
 	return u.Addr
+}
+
+// errUnresolvedUpstream is an upstream template that does not make an
+// address for a connection (a placeholder with no value, say).
+var errUnresolvedUpstream = errors.New("upstream address")
+
+// HasPlaceholder says whether s has a placeholder ("{...}") left.
+func HasPlaceholder(s string) bool {
+	i := strings.IndexByte(s, '{')
+	return i >= 0 && strings.IndexByte(s[i:], '}') > 0
 }
 
 // ValidateUpstreamAddr checks an Upstream.Addr for dialing: "host:port",

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
 
 // newAcceptingListener returns the address of a loopback listener that
@@ -362,5 +364,59 @@ func TestDialHonoursTheUpstreamsIPFamily(t *testing.T) {
 			}
 			c.Close()
 		}
+	}
+}
+
+// An upstream whose address has placeholders is dialed at what each
+// connection's Resolve makes of it, while its health and metrics stay
+// the template's; a template that makes no address fails that dial
+// (connect_failed, naming the template) and the next upstream is tried.
+func TestTemplateUpstreamIsResolvedPerConnection(t *testing.T) {
+	checkEngineLeaks(t)
+	a, b := chaintest.NewEchoBackend(t), chaintest.NewEchoBackend(t)
+	_, portA, _ := net.SplitHostPort(a.Addr)
+	_, portB, _ := net.SplitHostPort(b.Addr)
+	template := NewUpstream("127.0.0.1:{port}")
+	if !template.Template() || NewUpstream(a.Addr).Template() {
+		t.Fatal("Template() does not tell a template from an address")
+	}
+	fallback := NewUpstream(b.Addr)
+	bal, err := NewBalancer("first", []*Upstream{template, fallback}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := NewTracker()
+	closed := closedRecords{make(chan RecordInfo, 4)}
+	tr.Observer = closed
+	p := &Proxy{Tracker: tr, Balancer: bal}
+	ports := make(chan string, 4)
+	h := startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
+		port := <-ports
+		return p.Serve(c, nil, ClientMeta{Server: h.Addr, Resolve: func(s string) string {
+			return strings.ReplaceAll(s, "{port}", port)
+		}}), true
+	})
+	for _, tc := range []struct{ port, want string }{{portA, a.Addr}, {portB, b.Addr}, {"", b.Addr}} {
+		ports <- tc.port
+		c := chaintest.Dial(t, h.Addr)
+		c.Write([]byte("x"))
+		c.CloseWrite()
+		if got, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); string(got) != "x" {
+			t.Fatalf("port %q: echo %q", tc.port, got)
+		}
+		info := closedInfo(t, closed)
+		if info.Upstream != template.Addr && tc.port != "" {
+			t.Fatalf("port %q: record's upstream %q, want the template %q", tc.port, info.Upstream, template.Addr)
+		}
+		if tc.port == "" {
+			// No port: the template fails, the fallback serves.
+			if len(info.FailedDials) != 1 || info.FailedDials[0].Upstream != template.Addr ||
+				info.FailedDials[0].Reason != ReasonConnectFailed || !strings.Contains(info.FailedDials[0].Error, "127.0.0.1:{port}") {
+				t.Fatalf("failed dials %+v, want one connect_failed of the template", info.FailedDials)
+			}
+		}
+	}
+	if n := a.AcceptedCount() + b.AcceptedCount(); n != 3 {
+		t.Fatalf("backends accepted %d connections, want 3", n)
 	}
 }

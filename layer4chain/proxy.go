@@ -75,6 +75,10 @@ type ClientMeta struct {
 	// this package cannot see through (a TLS handler's) stands between
 	// them; nil otherwise. Half-close and resets act on it.
 	Socket *net.TCPConn
+	// Resolve fills the connection's placeholders into an upstream address
+	// or a TLS server name that has some (see HasPlaceholder); nil when no
+	// upstream needs it.
+	Resolve func(string) string
 }
 
 // Serve proxies one client connection until it ends and returns why it
@@ -226,7 +230,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return nil, reason
 	}
 
-	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr())
+	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr(), meta.Resolve)
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return nil, ReasonMaxLifetime
@@ -281,11 +285,11 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 // a TryDuration it starts over, after TryInterval, until an upstream
 // connects or TryDuration has passed since the first attempt; without one,
 // a single pass decides.
-func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, clientIP netip.Addr) (net.Conn, *Upstream, error) {
+func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, clientIP netip.Addr, resolve func(string) string) (net.Conn, *Upstream, error) {
 	var orderBuf [8]*Upstream
 	deadline := time.Now().Add(p.TryDuration)
 	for {
-		c, up, err := p.Dialer.dial(ctx, p.Balancer.OrderAvailable(orderBuf[:0], clientIP, p.available), r)
+		c, up, err := p.Dialer.dial(ctx, p.Balancer.OrderAvailable(orderBuf[:0], clientIP, p.available), r, resolve)
 		if err == nil || p.TryDuration <= 0 || ctx.Err() != nil {
 			return c, up, err
 		}

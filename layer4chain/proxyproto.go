@@ -816,9 +816,9 @@ type screen struct {
 	// stallForwards: a held prefix that stalls for timeout is the
 	// client's own bytes, forwarded, not a slow header, refused.
 	stallForwards bool
-	held    [len(v2Sig)]byte
-	n       int
-	since   time.Time // when the first held byte arrived
+	held          [len(v2Sig)]byte
+	n             int
+	since         time.Time // when the first held byte arrived
 }
 
 // verdict is what a screen decided about the bytes it was shown.

@@ -29,6 +29,10 @@ type Upstream struct {
 
 	health health
 
+	// template: Addr has placeholders, filled per connection (see
+	// Dialer.connect); such an upstream has no address to probe.
+	template bool
+
 	watchMu  sync.Mutex
 	watchers []*watcher
 }
@@ -38,8 +42,11 @@ type Upstream struct {
 // here; configuration validates it with ValidateUpstreamAddr so that errors
 // surface at provisioning, not per dial.
 func NewUpstream(addr string) *Upstream {
-	return &Upstream{Addr: addr}
+	return &Upstream{Addr: addr, template: HasPlaceholder(addr)}
 }
+
+// Template says whether Addr has placeholders that each connection fills.
+func (u *Upstream) Template() bool { return u.template }
 
 // network is the network Addr is dialed on: its "tcp4/" or "tcp6/" prefix,
 // else "tcp".

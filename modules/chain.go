@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -156,6 +157,9 @@ type Handler struct {
 	acquired []string
 	// noTLSWarning says once that allow_certificates cannot match.
 	noTLSWarning sync.Once
+	// templates: an upstream address or TLS server name has placeholders
+	// that each connection fills (see dialAddr).
+	templates bool
 }
 
 // Upstream is one address to proxy to.
@@ -391,6 +395,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	for _, u := range upstreams {
+		if u.Template() || (upstreamTLS != nil && upstreamTLS(u) != nil && layer4chain.HasPlaceholder(upstreamTLS(u).ServerName)) {
+			h.templates = true
+		}
+	}
 
 	tracker := processTracker()
 	p := &layer4chain.Proxy{
@@ -624,6 +633,13 @@ func (h *Handler) check(adapting bool) error {
 	if err := checkHealthChecks(h.HealthChecks); err != nil {
 		return err
 	}
+	if hc := h.HealthChecks; hc != nil && hc.Active != nil {
+		for i, d := range h.dials {
+			if layer4chain.HasPlaceholder(d) {
+				return fmt.Errorf("health_checks.active: upstreams[%d] (%q) has placeholders that each connection fills, and a probe has no connection to fill them; list the addresses, or leave active checks out (the circuit breaker still works)", i, d)
+			}
+		}
+	}
 	if err := checkLimit("max_hops", h.MaxHops, whyMaxHopsOn, maxMaxHops); err != nil {
 		return err
 	}
@@ -659,19 +675,27 @@ func (h *Handler) checkForwardTLVs() error {
 	return nil
 }
 
+// placeholders matches one placeholder of an address or a server name.
+var placeholders = regexp.MustCompile(`\{[^{}]*\}`)
+
 // dialAddr turns an upstream address in Caddy's network-address form into
 // the engine's: "tcp/" is dropped, so "tcp/h:p" and "h:p" are one upstream;
 // "tcp4/" and "tcp6/" are kept, for the engine dials over that family.
 func dialAddr(addr string) (string, error) {
 	// Placeholders known at load ({env.*}, {system.*}, ...) are resolved
-	// here, once, as caddy-l4's proxy does; what is left would need the
-	// connection ({l4.tls.server_name}, ...), which chain does not resolve.
+	// here, once, as caddy-l4's proxy does; what is left needs the
+	// connection ({l4.tls.server_name}, ...): the address is a template,
+	// filled per connection (see Handle), whose shape is checked here
+	// with each placeholder standing for one character.
 	if strings.Contains(addr, "{") {
-		resolved := caddy.NewReplacer().ReplaceKnown(addr, "")
-		if i := strings.Index(resolved, "{"); i >= 0 && strings.Contains(resolved[i:], "}") {
-			return "", fmt.Errorf("%q has a placeholder that is only known per connection; chain resolves placeholders known at load (such as {env.NAME}) only", addr)
+		addr = caddy.NewReplacer().ReplaceKnown(addr, "")
+		if layer4chain.HasPlaceholder(addr) {
+			shape := placeholders.ReplaceAllString(addr, "1")
+			if _, err := dialAddr(shape); err != nil {
+				return "", fmt.Errorf("%q, its placeholders aside: %w", addr, err)
+			}
+			return strings.TrimPrefix(addr, "tcp/"), nil
 		}
-		addr = resolved
 	}
 	na, err := caddy.ParseNetworkAddress(addr)
 	if err == nil {
@@ -725,6 +749,10 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 		meta.TLS = states[0]
 	}
 	meta.Socket = clientSocket(cx)
+	if h.templates {
+		repl := cx.Replacer()
+		meta.Resolve = func(s string) string { return repl.ReplaceAll(s, "") }
+	}
 	if meta.TLS == nil && h.AcceptProxyProtocol != nil && len(h.AcceptProxyProtocol.AllowCertificates) > 0 {
 		h.noTLSWarning.Do(func() {
 			logger().Warn("accept_proxy_protocol.allow_certificates trusts nobody here: no tls handler terminated TLS before chain, so no peer has a verified certificate; put caddy-l4's tls handler with client_auth before chain in the route",

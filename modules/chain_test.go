@@ -2,6 +2,7 @@ package modules
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -451,5 +452,55 @@ func TestLeastConnCountsConnectionsOfTheConfigBeforeAReload(t *testing.T) {
 	}
 	if got[a.Addr] != 1 || got[b.Addr] != 1 {
 		t.Fatalf("connections by upstream %v: the new config's least_conn did not see the old config's connection", got)
+	}
+}
+
+// An upstream address with a placeholder only the connection knows is
+// filled per connection, as caddy-l4's proxy does: the SNI a tls matcher
+// found picks the host. The record names the template; a connection that
+// leaves the placeholder empty fails its dial (connect_failed) without
+// dialing anything.
+func TestDialPlaceholderIsFilledPerConnection(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	_, port, _ := net.SplitHostPort(backend.Addr)
+	template := "{l4.tls.server_name}:" + port
+	withSNI, without := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
+	sniServer := server(withSNI, map[string]any{"upstreams": upstreams(template)})
+	sniServer["routes"].([]any)[0].(map[string]any)["match"] = []any{map[string]any{"tls": map[string]any{"sni": []string{"localhost"}}}}
+	startCaddy(t, map[string]any{"sni": sniServer, "plain": server(without, map[string]any{"upstreams": upstreams(template)})})
+
+	raw := chaintest.Dial(t, withSNI)
+	_ = raw.SetDeadline(time.Now().Add(3 * time.Second))
+	// The echo backend answers the ClientHello with itself: the handshake
+	// fails, and the connection stays open.
+	if err := tls.Client(raw, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true}).Handshake(); err == nil {
+		t.Fatal("a TLS handshake with an echo backend succeeded")
+	}
+	select {
+	case <-backend.Accepted():
+	case <-time.After(3 * time.Second):
+		t.Fatal("the backend at localhost:" + port + " was not dialed")
+	}
+	var rec *layer4chain.Record
+	for _, r := range processTracker().Records() {
+		if r.Server == withSNI {
+			rec = r
+		}
+	}
+	if rec == nil || rec.Info().Upstream != template {
+		t.Fatalf("record %+v, want one whose upstream is the template %q", rec, template)
+	}
+	raw.Close()
+
+	before := closedCount(layer4chain.ReasonConnectFailed)
+	c := chaintest.Dial(t, without)
+	if got, _, _ := chaintest.ReadUntilClosed(c, 3*time.Second); len(got) != 0 {
+		t.Fatalf("read %q", got)
+	}
+	waitEmpty(t)
+	if closedCount(layer4chain.ReasonConnectFailed) != before+1 || backend.AcceptedCount() != 0 {
+		t.Fatalf("connect_failed %d (before %d), backend dials %d: want one more and none",
+			closedCount(layer4chain.ReasonConnectFailed), before, backend.AcceptedCount())
 	}
 }

@@ -282,8 +282,8 @@ func TestAllowEveryPeerWarnsAtLoad(t *testing.T) {
 }
 
 // TestDialPlaceholdersKnownAtLoadAreResolved: {env.*} in a dial address is
-// resolved when the config loads; a placeholder only a connection knows is
-// refused with what chain supports.
+// resolved when the config loads; a placeholder only a connection knows
+// leaves a template, filled per connection.
 func TestDialPlaceholdersKnownAtLoadAreResolved(t *testing.T) {
 	t.Setenv("LAYER4CHAIN_TEST_UPSTREAM", "127.0.0.1:9")
 	if got, err := dialAddr("{env.LAYER4CHAIN_TEST_UPSTREAM}"); err != nil || got != "127.0.0.1:9" {
@@ -292,8 +292,15 @@ func TestDialPlaceholdersKnownAtLoadAreResolved(t *testing.T) {
 	if got, err := dialAddr("tcp4/127.0.0.1:{env.LAYER4CHAIN_TEST_PORT_UNSET}9"); err != nil || got != "tcp4/127.0.0.1:9" {
 		t.Fatalf("an unset env placeholder: %q, %v; want it empty", got, err)
 	}
-	_, err := dialAddr("{l4.tls.server_name}:443")
-	if err == nil || !strings.Contains(err.Error(), "only known per connection") {
-		t.Fatalf("a connection placeholder: %v", err)
+	// A placeholder only a connection knows makes a template, whose shape
+	// is checked with each placeholder standing for one character.
+	if got, err := dialAddr("tcp/{l4.tls.server_name}:443"); err != nil || got != "{l4.tls.server_name}:443" {
+		t.Fatalf("a connection placeholder: %q, %v; want the template", got, err)
 	}
+	if _, err := dialAddr("{l4.tls.server_name}"); err == nil || !strings.Contains(err.Error(), "its placeholders aside") {
+		t.Fatalf("a template without a port: %v", err)
+	}
+	assertLoadError(t, map[string]any{"upstreams": []any{"{l4.tls.server_name}:443"},
+		"health_checks": map[string]any{"active": map[string]any{"interval": "1s"}}},
+		`health_checks.active: upstreams[0] ("{l4.tls.server_name}:443") has placeholders that each connection fills`)
 }

@@ -61,10 +61,14 @@ func (h *Handler) upstreamTLS(ctx caddy.Context, ups []*layer4chain.Upstream) (f
 		if cfg == nil {
 			cfg = new(tls.Config)
 		}
+		// The name is the dial address's host by default, and a template
+		// like the address: placeholders known at load are filled now,
+		// those of the connection per connection (Dialer.connect).
 		if cfg.ServerName == "" {
 			host, _, _ := net.SplitHostPort(h.dials[i][strings.Index(h.dials[i], "/")+1:])
 			cfg.ServerName = host
 		}
+		cfg.ServerName = caddy.NewReplacer().ReplaceKnown(cfg.ServerName, "")
 		configs[up] = cfg
 	}
 	if len(configs) == 0 {

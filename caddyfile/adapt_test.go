@@ -131,6 +131,17 @@ func TestEveryHandlerOptionAdapts(t *testing.T) {
 	}
 }
 
+// Two layer4chain blocks with different options merge into one app.
+func TestGlobalOptionBlocksMerge(t *testing.T) {
+	got, err := adapt(t, "Caddyfile", []byte("{\n\tlayer4chain {\n\t\tsweep_interval 1s\n\t}\n\tlayer4chain {\n\t\tmax_connections 5\n\t}\n}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(got, `"max_connections": 5`) || !strings.Contains(got, `"sweep_interval": 1000000000`) {
+		t.Fatalf("merged app:\n%s", got)
+	}
+}
+
 func TestGlobalOptionAdaptsToTheApp(t *testing.T) {
 	got, err := adapt(t, "Caddyfile", []byte("{\n\tlayer4chain {\n\t\tsweep_interval 250ms\n\t\tshutdown_grace 1m\n\t\tmax_connections 5000\n\t}\n}\n"))
 	if err != nil {
@@ -406,6 +417,8 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 			"unknown layer4chain option 'grace', at Caddyfile:3"},
 		{"duplicate global option", "{\n\tlayer4chain {\n\t\tsweep_interval 1s\n\t\tsweep_interval 2s\n\t}\n}\n",
 			"duplicate layer4chain option 'sweep_interval', at Caddyfile:4"},
+		{"global option in two blocks", "{\n\tlayer4chain {\n\t\tmax_connections 10\n\t}\n\tlayer4chain {\n\t\tmax_connections off\n\t}\n}\n",
+			"duplicate layer4chain option 'max_connections': an earlier layer4chain block sets it, at Caddyfile:5"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := adapt(t, "Caddyfile", []byte(tc.body))

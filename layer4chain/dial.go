@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -367,6 +368,13 @@ func ValidateUpstreamAddr(addr string) error {
 		}
 		if err := validateHostPort(hostPort); err != nil {
 			return fmt.Errorf("%w (in %q)", err, addr)
+		}
+		// An IP literal of the other family could never be dialed.
+		host, _, _ := net.SplitHostPort(hostPort)
+		if ip, err := netip.ParseAddr(host); err == nil {
+			if v4 := ip.Unmap().Is4(); (network == "tcp4" && !v4) || (network == "tcp6" && v4) {
+				return fmt.Errorf("upstream address %q: %s is not an address of %s", addr, host, network)
+			}
 		}
 		return nil
 	}

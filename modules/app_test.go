@@ -60,6 +60,7 @@ func TestBadAppConfigFailsNamingTheField(t *testing.T) {
 		{map[string]any{"max_connections": "100"}, "max_connections: json: cannot unmarshal string"},
 		{map[string]any{"tracing": map[string]any{"sample_ratio": "all"}}, "tracing.sample_ratio: json: cannot unmarshal string"},
 		{map[string]any{"sweep_intervall": "1s"}, `unknown field "sweep_intervall"`},
+		{map[string]any{"tracing": map[string]any{"sampler": "always"}}, `tracing: json: unknown field "sampler"`},
 	} {
 		err := caddy.Load(caddyConfigWith(map[string]any{}, "", tc.app), true)
 		if err == nil {

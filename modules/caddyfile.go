@@ -2,6 +2,8 @@ package modules
 
 import (
 	"encoding/json"
+	"maps"
+	"slices"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -236,16 +238,12 @@ var proxyOptionsNotYet = map[string]string{
 //
 // into apps.layer4chain. `off` adapts to -1, which switches the limit off.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
-	app := new(App)
-	if prev, ok := existing.(httpcaddyfile.App); ok {
-		if err := json.Unmarshal(prev.Value, app); err != nil {
-			return nil, err
-		}
-	}
 	d.Next() // the option's name
+	block := *d
 	if d.CountRemainingArgs() > 0 {
 		return nil, d.ArgErr()
 	}
+	app := new(App)
 	err := chaincaddyfile.ParseBlock(d, "layer4chain", map[string]chaincaddyfile.Option{
 		"sweep_interval":  chaincaddyfile.NotOff(whySweepIntervalOn, chaincaddyfile.Duration(&app.SweepInterval)),
 		"shutdown_grace":  chaincaddyfile.NotOff(whyShutdownGraceOn, chaincaddyfile.Duration(&app.ShutdownGrace)),
@@ -255,7 +253,27 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	return httpcaddyfile.App{Name: "layer4chain", Value: caddyconfig.JSON(app, nil)}, nil
+	value := caddyconfig.JSON(app, nil)
+	prev, ok := existing.(httpcaddyfile.App)
+	if !ok {
+		return httpcaddyfile.App{Name: "layer4chain", Value: value}, nil
+	}
+	// Blocks merge, but an option set in two of them is a mistake, as
+	// within one block: the later one would win without a word.
+	var before, now map[string]json.RawMessage
+	if err := json.Unmarshal(prev.Value, &before); err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(value, &now); err != nil {
+		return nil, err
+	}
+	for _, name := range slices.Sorted(maps.Keys(now)) {
+		if _, twice := before[name]; twice {
+			return nil, block.Errf("duplicate layer4chain option '%s': an earlier layer4chain block sets it", name)
+		}
+		before[name] = now[name]
+	}
+	return httpcaddyfile.App{Name: "layer4chain", Value: caddyconfig.JSON(before, nil)}, nil
 }
 
 // Interface guards

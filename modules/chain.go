@@ -598,8 +598,13 @@ func (h *Handler) check(adapting bool) error {
 		for i, name := range app.AllowCertificates {
 			// Names are compared literally: a pattern would match only a
 			// certificate that carries the pattern itself.
-			if name == "" || strings.ContainsAny(name, "*? ") {
+			switch {
+			case name == "" || strings.ContainsAny(name, "*? "):
 				return fmt.Errorf("accept_proxy_protocol.allow_certificates[%d]: %q is not a certificate name; list each previous hop's exact CN or DNS SAN (patterns are not supported)", i, name)
+			case strings.ContainsAny(name, "=,"):
+				return fmt.Errorf("accept_proxy_protocol.allow_certificates[%d]: %q is a distinguished name, as HAProxy and nginx write them; list the CN or a DNS SAN itself (for CN=outer.chain.test: \"outer.chain.test\")", i, name)
+			case strings.HasSuffix(name, "."):
+				return fmt.Errorf("accept_proxy_protocol.allow_certificates[%d]: %q ends with a dot, which no certificate name has; drop it", i, name)
 			}
 		}
 		if err := checkDuration("accept_proxy_protocol.timeout", app.Timeout, whyAcceptTimeoutOn); err != nil {
@@ -721,7 +726,9 @@ func dialAddr(addr string) (string, error) {
 	if na.Network == "tcp" {
 		return hostPort, nil
 	}
-	return na.Network + "/" + hostPort, nil
+	// With its family, an IP of the other one is caught too.
+	addr = na.Network + "/" + hostPort
+	return addr, layer4chain.ValidateUpstreamAddr(addr)
 }
 
 // Handle serves one connection until it ends.

@@ -25,8 +25,8 @@ func strictDecode(data []byte, v any) error {
 		return nil
 	}
 	var syntax *json.SyntaxError
-	if errors.As(err, &syntax) || strings.HasPrefix(err.Error(), "json: unknown field") {
-		return err // these say where, or name the field, already
+	if errors.As(err, &syntax) {
+		return err // it says where already
 	}
 	return namedError(data, reflect.TypeOf(v), err)
 }
@@ -45,8 +45,9 @@ func namedError(data []byte, t reflect.Type, err error) error {
 var unmarshalerType = reflect.TypeFor[json.Unmarshaler]()
 
 // blame walks data along t to the innermost value that fails to decode,
-// and returns its path ("a.b[2].c") and its error; ("", nil) when every
-// part decodes alone. Types with their own decoder are leaves.
+// and returns its path ("a.b[2].c") and its error; an object whose fields
+// all decode alone is blamed itself (an unknown field). Types with their
+// own decoder are leaves.
 func blame(data []byte, t reflect.Type) (string, error) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
@@ -77,7 +78,7 @@ func blame(data []byte, t reflect.Type) (string, error) {
 			sub, err := blame(raw, f.Type)
 			return joinPath(name, sub), err
 		}
-		return "", nil
+		return leaf() // every field decodes alone: one is unknown
 	case reflect.Slice, reflect.Array:
 		var items []json.RawMessage
 		if json.Unmarshal(data, &items) != nil {
@@ -89,7 +90,7 @@ func blame(data []byte, t reflect.Type) (string, error) {
 				return joinPath("["+strconv.Itoa(i)+"]", sub), err
 			}
 		}
-		return "", nil
+		return leaf()
 	case reflect.Map:
 		var items map[string]json.RawMessage
 		if json.Unmarshal(data, &items) != nil {
@@ -101,7 +102,7 @@ func blame(data []byte, t reflect.Type) (string, error) {
 				return joinPath(k, sub), err
 			}
 		}
-		return "", nil
+		return leaf()
 	}
 	return leaf()
 }

@@ -401,18 +401,23 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 		{"no upstream", wrap("chain {\n\t\t\t\t\tidle_timeout 1s\n\t\t\t\t}"),
 			"chain needs at least one upstream, at Caddyfile:5"},
 
-		// What only the whole block shows fails at the directive's line,
-		// with the field's JSON name, as loading would.
+		// What only the whole block shows fails at the line of the option
+		// (or the upstream) it is about, else at the directive's, with the
+		// field's JSON name, as loading would.
 		{"upstream without a port", wrap("chain 127.0.0.1"),
 			`upstreams[0].dial: upstream address "127.0.0.1" is not host:port: address 127.0.0.1: missing port in address, at Caddyfile:5`},
 		{"max_hops beyond the TLV", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_hops 300\n\t\t\t\t}"),
-			"max_hops: at most 255, got 300, at Caddyfile:5"},
+			"max_hops: at most 255, got 300, at Caddyfile:6"},
 		{"max_fails without the breaker", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tmax_fails 3\n\t\t\t\t}"),
-			"health_checks.passive.max_fails: the circuit breaker is off (fail_duration is absent, 0 or negative), so no failure is counted; set fail_duration, at Caddyfile:5"},
+			"health_checks.passive.max_fails: the circuit breaker is off (fail_duration is absent, 0 or negative), so no failure is counted; set fail_duration, at Caddyfile:6"},
+		{"the second upstream line", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tupstream 127.0.0.1:7003\n\t\t\t\t\tupstream udp/127.0.0.1:53\n\t\t\t\t}"),
+			`upstreams[2].dial: "udp/127.0.0.1:53" is a udp address; chain proxies TCP: use host:port, tcp4/host:port or tcp6/host:port, at Caddyfile:7`},
+		{"lb_tries beyond the cap", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tidle_timeout 1m\n\t\t\t\t\tlb_tries 256\n\t\t\t\t}"),
+			"load_balancing.tries: at most 100, got 256, at Caddyfile:7"},
 		{"bad CIDR", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\taccept_proxy_protocol {\n\t\t\t\t\t\tallow 127.0.0.1/33\n\t\t\t\t\t}\n\t\t\t\t}"),
 			`accept_proxy_protocol.allow: invalid CIDR "127.0.0.1/33"`},
 		{"forward_tlvs without a header to read", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tproxy_protocol v2\n\t\t\t\t\tforward_tlvs 0x20\n\t\t\t\t}"),
-			"forward_tlvs: there is no header to forward TLVs from; set accept_proxy_protocol, at Caddyfile:5"},
+			"forward_tlvs: there is no header to forward TLVs from; set accept_proxy_protocol, at Caddyfile:7"},
 		{"unknown global option", "{\n\tlayer4chain {\n\t\tgrace 1s\n\t}\n}\n",
 			"unknown layer4chain option 'grace', at Caddyfile:3"},
 		{"duplicate global option", "{\n\tlayer4chain {\n\t\tsweep_interval 1s\n\t\tsweep_interval 2s\n\t}\n}\n",

@@ -2,8 +2,10 @@ package modules
 
 import (
 	"encoding/json"
+	"fmt"
 	"maps"
 	"slices"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -145,6 +147,27 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	for name, instead := range proxyOptionsNotYet {
 		options[name] = chaincaddyfile.Unsupported(instead)
 	}
+	// Where each option was given, and each upstream, so that an error
+	// found once the whole block is read points at its line.
+	at := map[string]caddyfile.Dispenser{}
+	upstreamAt := make([]caddyfile.Dispenser, len(h.Upstreams))
+	for i := range upstreamAt {
+		upstreamAt[i] = directive
+	}
+	for name, opt := range options {
+		options[name] = func(d *caddyfile.Dispenser) error {
+			here := *d
+			if _, ok := at[name]; !ok {
+				at[name] = here
+			}
+			n := len(h.Upstreams)
+			err := opt(d)
+			for range len(h.Upstreams) - n {
+				upstreamAt = append(upstreamAt, here)
+			}
+			return err
+		}
+	}
 	if err := chaincaddyfile.ParseBlock(d, "chain", options, "upstream"); err != nil {
 		return err
 	}
@@ -176,9 +199,56 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return directive.Err("chain needs at least one upstream")
 	}
 	if err := h.check(true); err != nil {
-		return directive.WrapErr(err)
+		where := directive
+		if i, ok := upstreamIndex(err); ok && i < len(upstreamAt) {
+			where = upstreamAt[i]
+		} else if name, ok := caddyfileOptionOf(err); ok {
+			if d, ok := at[name]; ok {
+				where = d
+			}
+		}
+		return where.WrapErr(err)
 	}
 	return nil
+}
+
+// upstreamIndex reads i from an error about "upstreams[i]".
+func upstreamIndex(err error) (int, bool) {
+	var i int
+	_, scanErr := fmt.Sscanf(err.Error(), "upstreams[%d]", &i)
+	return i, scanErr == nil
+}
+
+// caddyfileOptionOf names the Caddyfile option of the JSON field an error
+// from check begins with ("load_balancing.tries: ..." is lb_tries).
+func caddyfileOptionOf(err error) (string, bool) {
+	field, _, _ := strings.Cut(err.Error(), ":")
+	field, _, _ = strings.Cut(field, "[")
+	if name, ok := jsonToCaddyfile[field]; ok {
+		return name, true
+	}
+	if strings.HasPrefix(field, "accept_proxy_protocol") {
+		return "accept_proxy_protocol", true
+	}
+	return field, true // most options are named as their field
+}
+
+// jsonToCaddyfile maps the fields whose Caddyfile option has another name.
+var jsonToCaddyfile = map[string]string{
+	"load_balancing.tries":                             "lb_tries",
+	"load_balancing.try_duration":                      "lb_try_duration",
+	"load_balancing.try_interval":                      "lb_try_interval",
+	"load_balancing.selection.policy":                  "lb_policy",
+	"health_checks.passive.fail_duration":              "fail_duration",
+	"health_checks.passive.max_fails":                  "max_fails",
+	"health_checks.passive.unhealthy_connection_count": "unhealthy_connection_count",
+	"health_checks.passive.close_if_unhealthy":         "close_if_unhealthy",
+	"health_checks.active.port":                        "health_port",
+	"health_checks.active.interval":                    "health_interval",
+	"health_checks.active.timeout":                     "health_timeout",
+	"health_checks.active.fall":                        "health_fall",
+	"health_checks.active.rise":                        "health_rise",
+	"health_checks.active.close_if_unhealthy":          "close_if_unhealthy",
 }
 
 // parseUpstream parses an `upstream` line: without a block, one upstream

@@ -194,7 +194,7 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 		}
 		tried = append(tried, u)
 		start := time.Now()
-		c, err := d.connect(ctx, &nd, u, start, resolve)
+		c, chosen, err := d.connect(ctx, &nd, u, start, resolve)
 		took := time.Since(start)
 		if d.OnAttempt != nil {
 			d.OnAttempt(u.Addr, took, err)
@@ -215,9 +215,10 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 			}
 			return nil, nil, &DialError{Upstream: u.Addr, Reason: ClassifyDialError(ctxErr), Err: err}
 		}
-		if errors.Is(err, errUnresolvedUpstream) {
-			// This connection made no address of the template: not the
-			// upstream's failure, so no step towards opening its circuit.
+		if chosen {
+			// This connection's values made the address or the TLS name
+			// (or none): a client could pick a failing one on purpose, so
+			// no step towards opening the circuit every client shares.
 			u.abandoned(a)
 		} else {
 			u.failed(a, d.Passive, err)
@@ -243,42 +244,60 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 // over TLS, the handshake, both within one connect timeout from start.
 //
 // An upstream whose address has placeholders (a template) is dialed at
-// what resolve makes of it for this connection; its health, limits and
-// metrics stay the template's.
-func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start time.Time, resolve func(string) string) (net.Conn, error) {
+// what resolve makes of it for this connection, and a TLS server name with
+// placeholders is filled the same way, both before the dial; its health,
+// limits and metrics stay the template's. chosen says that the attempt
+// went where this connection's values (an SNI, say: the client's choice)
+// sent it: its failure is not the upstream's (see dial).
+func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start time.Time, resolve func(string) string) (c net.Conn, chosen bool, err error) {
+	fill := func(what, s string) (string, error) {
+		if resolve == nil {
+			return "", fmt.Errorf("%w: %s %q has placeholders and nothing to fill them", errUnresolvedUpstream, what, s)
+		}
+		return resolve(s), nil
+	}
 	hostPort := u.hostPort()
 	if u.template {
-		if resolve == nil {
-			return nil, fmt.Errorf("%w: %q has placeholders and nothing to fill them", errUnresolvedUpstream, u.Addr)
+		if hostPort, err = fill("address", hostPort); err != nil {
+			return nil, true, err
 		}
-		hostPort = resolve(hostPort)
 		if err := validateHostPort(hostPort); err != nil {
-			return nil, fmt.Errorf("%w: %q for this connection: %w", errUnresolvedUpstream, u.Addr, err)
+			return nil, true, fmt.Errorf("%w: %q, filled for this connection: %w", errUnresolvedUpstream, u.Addr, err)
 		}
 	}
-	c, err := nd.DialContext(ctx, u.network(), hostPort)
-	if err != nil {
-		return nil, err
+	var cfg *tls.Config
+	if d.TLS != nil {
+		cfg = d.TLS(u)
 	}
-	tc, ok := c.(*net.TCPConn)
+	if cfg != nil && HasPlaceholder(cfg.ServerName) {
+		name, err := fill("TLS server name", cfg.ServerName)
+		if err != nil {
+			return nil, true, err
+		}
+		if name == "" {
+			return nil, true, fmt.Errorf("%w: TLS server name %q, filled for this connection, is empty", errUnresolvedUpstream, cfg.ServerName)
+		}
+		cfg = cfg.Clone()
+		cfg.ServerName = name
+		chosen = true
+	}
+	chosen = chosen || u.template
+	nc, err := nd.DialContext(ctx, u.network(), hostPort)
+	if err != nil {
+		return nil, u.template, err // a fixed address refusing is the upstream's failure
+	}
+	tc, ok := nc.(*net.TCPConn)
 	if !ok {
 		// Unreachable for TCP networks, but a wrong type must not crash
 		// the hop.
-		c.Close()
-		return nil, fmt.Errorf("dial returned %T, not *net.TCPConn", c)
+		nc.Close()
+		return nil, chosen, fmt.Errorf("dial returned %T, not *net.TCPConn", nc)
 	}
-	if d.TLS == nil {
-		return tc, nil
-	}
-	cfg := d.TLS(u)
 	if cfg == nil {
-		return tc, nil
+		return tc, chosen, nil
 	}
-	if resolve != nil && HasPlaceholder(cfg.ServerName) {
-		cfg = cfg.Clone()
-		cfg.ServerName = resolve(cfg.ServerName)
-	}
-	return clientHandshake(ctx, tc, cfg, start.Add(d.connectTimeout()))
+	c, err = clientHandshake(ctx, tc, cfg, start.Add(d.connectTimeout()))
+	return c, chosen, err
 }
 
 func (d *Dialer) maxConns(u *Upstream) int {
@@ -345,8 +364,9 @@ func addrOf(u *Upstream) string {
 }
 
 // errUnresolvedUpstream is an upstream template that does not make an
-// address for a connection (a placeholder with no value, say).
-var errUnresolvedUpstream = errors.New("upstream address")
+// address or a TLS server name for a connection (a placeholder with no
+// value, say).
+var errUnresolvedUpstream = errors.New("template upstream")
 
 // HasPlaceholder says whether s has a placeholder ("{...}") left.
 func HasPlaceholder(s string) bool {

@@ -420,3 +420,31 @@ func TestTemplateUpstreamIsResolvedPerConnection(t *testing.T) {
 		t.Fatalf("backends accepted %d connections, want 3", n)
 	}
 }
+
+// A client picks where a template upstream dials (its SNI, say), so the
+// failures of a template never open the circuit that every client shares:
+// one client naming a dead address must not cut the others off.
+func TestATemplatesFailuresDoNotOpenItsCircuit(t *testing.T) {
+	checkEngineLeaks(t)
+	live := chaintest.NewEchoBackend(t)
+	_, dead, _ := net.SplitHostPort(chaintest.RefusedAddr(t))
+	_, port, _ := net.SplitHostPort(live.Addr)
+	template := NewUpstream("127.0.0.1:{port}")
+	d := &Dialer{ConnectTimeout: time.Second, Passive: &PassiveHealth{FailDuration: time.Minute, MaxFails: 1}}
+	fill := func(p string) func(string) string {
+		return func(s string) string { return strings.ReplaceAll(s, "{port}", p) }
+	}
+	for range 3 {
+		if _, _, err := d.dial(context.Background(), []*Upstream{template}, nil, fill(dead)); err == nil {
+			t.Fatal("the dead port answered")
+		}
+	}
+	if h := template.Health(); h != HealthHealthy {
+		t.Fatalf("after three refused dials of a client's choice the template is %s, want healthy", h)
+	}
+	c, _, err := d.dial(context.Background(), []*Upstream{template}, nil, fill(port))
+	if err != nil {
+		t.Fatalf("the next client, to a live port: %v", err)
+	}
+	c.Close()
+}

@@ -683,6 +683,27 @@ func (h *Handler) checkForwardTLVs() error {
 // placeholders matches one placeholder of an address or a server name.
 var placeholders = regexp.MustCompile(`\{[^{}]*\}`)
 
+// templateAddr checks an upstream address with placeholders that only a
+// connection fills: caddy-l4's ({l4.tls.server_name}, {l4.regexp.*}, ...),
+// any other being a typo that would fill to nothing. Its shape is checked
+// with each placeholder standing for one character, or for a whole
+// host:port when it is the whole address, as caddy-l4's proxy allows.
+func templateAddr(addr string) (string, error) {
+	for _, ph := range placeholders.FindAllString(addr, -1) {
+		if !strings.HasPrefix(ph, "{l4.") {
+			return "", fmt.Errorf("%q: %s is no placeholder a connection fills (those are caddy-l4's {l4.*}) nor one known at load ({env.*}, {system.*}, ...)", addr, ph)
+		}
+	}
+	if placeholders.MatchString(addr) && placeholders.FindString(strings.TrimPrefix(addr, "tcp/")) == strings.TrimPrefix(addr, "tcp/") {
+		return strings.TrimPrefix(addr, "tcp/"), nil
+	}
+	shape := placeholders.ReplaceAllString(addr, "1")
+	if _, err := dialAddr(shape); err != nil {
+		return "", fmt.Errorf("%q, its placeholders aside: %w", addr, err)
+	}
+	return strings.TrimPrefix(addr, "tcp/"), nil
+}
+
 // dialAddr turns an upstream address in Caddy's network-address form into
 // the engine's: "tcp/" is dropped, so "tcp/h:p" and "h:p" are one upstream;
 // "tcp4/" and "tcp6/" are kept, for the engine dials over that family.
@@ -692,14 +713,13 @@ func dialAddr(addr string) (string, error) {
 	// connection ({l4.tls.server_name}, ...): the address is a template,
 	// filled per connection (see Handle), whose shape is checked here
 	// with each placeholder standing for one character.
-	if strings.Contains(addr, "{") {
+	if strings.ContainsAny(addr, "{}") {
 		addr = caddy.NewReplacer().ReplaceKnown(addr, "")
 		if layer4chain.HasPlaceholder(addr) {
-			shape := placeholders.ReplaceAllString(addr, "1")
-			if _, err := dialAddr(shape); err != nil {
-				return "", fmt.Errorf("%q, its placeholders aside: %w", addr, err)
-			}
-			return strings.TrimPrefix(addr, "tcp/"), nil
+			return templateAddr(addr)
+		}
+		if strings.ContainsAny(addr, "{}") {
+			return "", fmt.Errorf("%q has a brace that opens or closes no placeholder", addr)
 		}
 	}
 	na, err := caddy.ParseNetworkAddress(addr)

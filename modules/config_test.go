@@ -26,6 +26,8 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 		{"unparsable CIDR", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.1/99"}}}, "accept_proxy_protocol.allow"},
 		{"certificate pattern", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow_certificates": []string{"*.chain.test"}}},
 			`accept_proxy_protocol.allow_certificates[0]: "*.chain.test" is not a certificate name`},
+		{"typo in a server name placeholder", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"server_name": "{evn.HOST}"}}}},
+			"upstreams[0].tls.server_name: {evn.HOST} is no placeholder a connection fills"},
 		{"certificate DN", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow_certificates": []string{"CN=outer.chain.test"}}},
 			`accept_proxy_protocol.allow_certificates[0]: "CN=outer.chain.test" is a distinguished name`},
 		{"certificate name with a dot at the end", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow_certificates": []string{"outer.chain.test."}}},
@@ -307,8 +309,23 @@ func TestDialPlaceholdersKnownAtLoadAreResolved(t *testing.T) {
 	if got, err := dialAddr("tcp/{l4.tls.server_name}:443"); err != nil || got != "{l4.tls.server_name}:443" {
 		t.Fatalf("a connection placeholder: %q, %v; want the template", got, err)
 	}
-	if _, err := dialAddr("{l4.tls.server_name}"); err == nil || !strings.Contains(err.Error(), "its placeholders aside") {
+	if _, err := dialAddr("{l4.tls.server_name}.example"); err == nil || !strings.Contains(err.Error(), "its placeholders aside") {
 		t.Fatalf("a template without a port: %v", err)
+	}
+	if got, err := dialAddr("{l4.conn.local_addr}"); err != nil || got != "{l4.conn.local_addr}" {
+		t.Fatalf("a placeholder for the whole address: %q, %v", got, err)
+	}
+	for addr, mention := range map[string]string{
+		"{evn.X}:80":                  "{evn.X} is no placeholder a connection fills",
+		"{}:80":                       "{} is no placeholder",
+		"{unclosed:80":                "a brace that opens or closes no placeholder",
+		"{{l4.tls.server_name}:80":    "its placeholders aside",
+		"{l4.tls.server_name}}:80":    "its placeholders aside",
+		"tcp4/{l4.tls.server_name}:x": "its placeholders aside",
+	} {
+		if _, err := dialAddr(addr); err == nil || !strings.Contains(err.Error(), mention) {
+			t.Errorf("%s: %v, want an error mentioning %q", addr, err, mention)
+		}
 	}
 	assertLoadError(t, map[string]any{"upstreams": []any{"{l4.tls.server_name}:443"},
 		"health_checks": map[string]any{"active": map[string]any{"interval": "1s"}}},

@@ -28,6 +28,12 @@ func checkUpstreamTLS(i int, t *reverseproxy.TLSConfig) error {
 	case len(t.ExceptPorts) > 0:
 		return fmt.Errorf("upstreams[%d].tls.except_ports: each chain upstream has one address; leave tls out of the upstreams that take plain TCP", i)
 	}
+	name := caddy.NewReplacer().ReplaceKnown(t.ServerName, "")
+	for _, ph := range placeholders.FindAllString(name, -1) {
+		if !strings.HasPrefix(ph, "{l4.") {
+			return fmt.Errorf("upstreams[%d].tls.server_name: %s is no placeholder a connection fills (those are caddy-l4's {l4.*}) nor one known at load ({env.*}, {system.*}, ...)", i, ph)
+		}
+	}
 	return nil
 }
 

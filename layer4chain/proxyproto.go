@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -372,6 +373,7 @@ var (
 	errV2TooLong       = errors.New("v2 header length exceeds proxyproto.MaxV2HeaderSize")
 	errTrailingBytes   = errors.New("decoder did not consume the whole header")
 	errChainIDTooLong  = errors.New("unique ID TLV longer than 128 bytes")
+	errChainIDNotText  = errors.New("unique ID TLV is not printable ASCII")
 	errBadHops         = errors.New("hop-count TLV is not exactly one byte")
 	errDuplicateTLV    = errors.New("duplicate TLV")
 	errBadCRC          = errors.New("CRC32C TLV does not match the header")
@@ -704,6 +706,11 @@ func decodeHeader(hdr []byte) (*ProxyInfo, error) {
 			}
 			if len(t.Value) > maxChainIDLen {
 				return nil, errChainIDTooLong
+			}
+			if i := slices.IndexFunc(t.Value, func(b byte) bool { return b < 0x20 || b > 0x7E }); i >= 0 {
+				// It is logged, listed and searched for: printable ASCII
+				// only (our IDs are hex; HAProxy's unique-id is text).
+				return nil, fmt.Errorf("%w: byte 0x%02X at %d", errChainIDNotText, t.Value[i], i)
 			}
 			seenID, info.ChainID = true, string(t.Value)
 		case proxyproto.PP2_TYPE_AUTHORITY:

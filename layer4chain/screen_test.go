@@ -398,6 +398,35 @@ func TestScreenDecidesAlikeForAnySplit(t *testing.T) {
 	}
 }
 
+// recordingBackend reads each connection to its end and reports what it
+// received.
+func recordingBackend(t *testing.T) (*chaintest.Backend, <-chan []byte) {
+	got := make(chan []byte, 1)
+	return chaintest.NewBackend(t, func(c *net.TCPConn) {
+		b, _ := io.ReadAll(c)
+		got <- b
+	}), got
+}
+
+// sendInPieces writes each piece 50 ms after the one before, so that they
+// arrive apart: what the tests that use it are about.
+func sendInPieces(c net.Conn, pieces []string) {
+	for i, p := range pieces {
+		if i > 0 {
+			time.Sleep(50 * time.Millisecond)
+		}
+		io.WriteString(c, p)
+	}
+}
+
+// bytesOrNil is s as pending bytes: nil for none.
+func bytesOrNil(s string) []byte {
+	if s == "" {
+		return nil
+	}
+	return []byte(s)
+}
+
 // A hop that sends its own header and reads none (accept_proxy_protocol
 // forgotten on an inner hop) refuses a connection whose first bytes are a
 // PROXY header, saying why: passed on, it would reach the upstream after
@@ -422,26 +451,14 @@ func TestAHopThatReadsNoHeaderRefusesOneItWouldForwardAsPayload(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkEngineLeaks(t)
-			got := make(chan []byte, 1)
-			backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
-				b, _ := io.ReadAll(c)
-				got <- b
-			})
+			backend, got := recordingBackend(t)
 			closed := closedRecords{make(chan RecordInfo, 1)}
 			tr := NewTracker()
 			tr.Observer = closed
-			var pending []byte
-			if tc.pending != "" {
-				pending = []byte(tc.pending)
-			}
+			pending := bytesOrNil(tc.pending)
 			h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr), EmitVersion: 1}, pending)
 			c := chaintest.Dial(t, h.Addr)
-			for i, w := range tc.writes {
-				if i > 0 {
-					time.Sleep(50 * time.Millisecond) // the pieces arrive apart: what is tested
-				}
-				io.WriteString(c, w)
-			}
+			sendInPieces(c, tc.writes)
 			if rest, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); len(rest) != 0 {
 				t.Fatalf("client read %q", rest)
 			}
@@ -488,23 +505,10 @@ func TestAHopThatReadsNoHeaderForwardsWhatOnlyStartsLikeOne(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			checkEngineLeaks(t)
-			got := make(chan []byte, 1)
-			backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
-				b, _ := io.ReadAll(c)
-				got <- b
-			})
-			var pending []byte
-			if tc.pending != "" {
-				pending = []byte(tc.pending)
-			}
-			h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr), EmitVersion: 1}, pending)
+			backend, got := recordingBackend(t)
+			h := startHop(t, &Proxy{Balancer: balancerFor(t, backend.Addr), EmitVersion: 1}, bytesOrNil(tc.pending))
 			c := chaintest.Dial(t, h.Addr)
-			for i, w := range tc.writes {
-				if i > 0 {
-					time.Sleep(50 * time.Millisecond)
-				}
-				io.WriteString(c, w)
-			}
+			sendInPieces(c, tc.writes)
 			c.CloseWrite()
 			want := tc.pending + strings.Join(tc.writes, "")
 			select {

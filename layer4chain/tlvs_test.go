@@ -199,22 +199,30 @@ func TestCorruptedCRC32CIsRejectedAsMalformed(t *testing.T) {
 		t.Fatalf("2-byte CRC32C: err %v, want malformed", err)
 	}
 
+	wantMalformedBeforeTheDial(t, &Proxy{Accept: &ProxyAcceptor{Allow: loopbackAllow}}, corrupted, "CRC32C")
+}
+
+// wantMalformedBeforeTheDial sends hdr and a byte through a hop made of p
+// (its tracker and balancer filled in) and checks that the connection is
+// refused as malformed, with mention in the detail, before any dial.
+func wantMalformedBeforeTheDial(t *testing.T, p *Proxy, hdr []byte, mention string) {
+	t.Helper()
 	backend := chaintest.NewEchoBackend(t)
 	closed := closedRecords{make(chan RecordInfo, 1)}
-	tr := NewTracker()
-	tr.Observer = closed
-	h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr), Accept: &ProxyAcceptor{Allow: loopbackAllow}}, nil)
+	p.Tracker, p.Balancer = NewTracker(), balancerFor(t, backend.Addr)
+	p.Tracker.Observer = closed
+	h := startHop(t, p, nil)
 	c := chaintest.Dial(t, h.Addr)
-	c.Write(append(corrupted, "x"...))
+	c.Write(append(hdr, "x"...))
 	if got, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); len(got) != 0 {
-		t.Fatalf("client of a corrupted header read %q", got)
+		t.Fatalf("client read %.80q", got)
 	}
 	info := closedInfo(t, closed)
-	if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "CRC32C") {
-		t.Fatalf("reason %s, detail %q; want proxy_protocol_rejected naming the CRC32C", info.Reason, info.Detail)
+	if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, mention) {
+		t.Fatalf("reason %s, detail %q; want proxy_protocol_rejected naming %s", info.Reason, info.Detail, mention)
 	}
-	if tr.ProxyRejections(ProxyRejectMalformed) != 1 || backend.AcceptedCount() != 0 {
-		t.Fatalf("malformed rejections %d, backend dials %d; want 1 and 0", tr.ProxyRejections(ProxyRejectMalformed), backend.AcceptedCount())
+	if n := p.Tracker.ProxyRejections(ProxyRejectMalformed); n != 1 || backend.AcceptedCount() != 0 {
+		t.Fatalf("malformed rejections %d, backend dials %d; want 1 and 0", n, backend.AcceptedCount())
 	}
 }
 
@@ -308,25 +316,9 @@ func TestTLSSessionTLVsDescribeTheHandshake(t *testing.T) {
 // nothing and close as connect_failed); one that fits goes on.
 func TestForwardedTLVsTooLongForTheNextHeaderAreRefusedBeforeTheDial(t *testing.T) {
 	checkEngineLeaks(t)
-	backend := chaintest.NewEchoBackend(t)
-	closed := closedRecords{make(chan RecordInfo, 1)}
-	tr := NewTracker()
-	tr.Observer = closed
-	h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr), EmitVersion: 2, ForwardTLVs: []byte{0xE5},
-		Accept: &ProxyAcceptor{Allow: loopbackAllow}}, nil)
 	hdr := mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
 		Destination: netip.MustParseAddrPort("127.0.0.1:443"),
 		TLVs:        []proxyproto.TLV{{Type: 0xE5, Value: bytes.Repeat([]byte("x"), 4060)}}})
-	c := chaintest.Dial(t, h.Addr)
-	c.Write(append(hdr, "x"...))
-	if got, _, _ := chaintest.ReadUntilClosed(c, 5*time.Second); len(got) != 0 {
-		t.Fatalf("client read %.80q", got)
-	}
-	info := closedInfo(t, closed)
-	if info.Reason != ReasonProxyProtocolRejected || !strings.Contains(info.Detail, "forwarded TLVs") {
-		t.Fatalf("reason %s, detail %q; want proxy_protocol_rejected naming the forwarded TLVs", info.Reason, info.Detail)
-	}
-	if tr.ProxyRejections(ProxyRejectMalformed) != 1 || backend.AcceptedCount() != 0 {
-		t.Fatalf("malformed rejections %d, backend dials %d; want 1 and 0", tr.ProxyRejections(ProxyRejectMalformed), backend.AcceptedCount())
-	}
+	wantMalformedBeforeTheDial(t, &Proxy{EmitVersion: 2, ForwardTLVs: []byte{0xE5}, Accept: &ProxyAcceptor{Allow: loopbackAllow}},
+		hdr, "forwarded TLVs")
 }

@@ -312,8 +312,8 @@ func TestTLSSessionTLVsDescribeTheHandshake(t *testing.T) {
 
 // A received header whose forwarded TLVs would not fit in the v2 header
 // this hop sends (with the chain ID it makes, the header had none) is
-// refused before any dial (it used to dial, send
-// nothing and close as connect_failed); one that fits goes on.
+// refused before any dial; it used to dial, send nothing and close as
+// connect_failed.
 func TestForwardedTLVsTooLongForTheNextHeaderAreRefusedBeforeTheDial(t *testing.T) {
 	checkEngineLeaks(t)
 	hdr := mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),

@@ -382,6 +382,8 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 			"option 'health_timeout' cannot be off: a probe of a black-holed upstream would never end, at Caddyfile:6"},
 		{"lb_try_interval off", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tlb_try_interval off\n\t\t\t\t}"),
 			"option 'lb_try_interval' cannot be off: without a wait, retrying while every upstream is down would spin on the CPU; try_duration switches retrying off, at Caddyfile:6"},
+		{"bare number for a duration", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tidle_timeout -1\n\t\t\t\t}"),
+			"option 'idle_timeout': invalid duration '-1': time: missing unit in duration \"-1\"; a duration has a unit, such as '1s', and 'off' switches it off, at Caddyfile:6"},
 		{"bad fail_duration", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tfail_duration often\n\t\t\t\t}"),
 			"option 'fail_duration': invalid duration 'often'"},
 		{"bad health_port", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thealth_port http\n\t\t\t\t}"),
@@ -422,6 +424,8 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 			"unknown layer4chain option 'grace', at Caddyfile:3"},
 		{"duplicate global option", "{\n\tlayer4chain {\n\t\tsweep_interval 1s\n\t\tsweep_interval 2s\n\t}\n}\n",
 			"duplicate layer4chain option 'sweep_interval', at Caddyfile:4"},
+		{"global duration below the minimum", "{\n\tlayer4chain {\n\t\tsweep_interval 500us\n\t}\n}\n",
+			"sweep_interval: 500µs is below the 1ms minimum; no timeout that short works on a network, at Caddyfile:2"},
 		{"global option in two blocks", "{\n\tlayer4chain {\n\t\tmax_connections 10\n\t}\n\tlayer4chain {\n\t\tmax_connections off\n\t}\n}\n",
 			"duplicate layer4chain option 'max_connections': an earlier layer4chain block sets it, at Caddyfile:5"},
 	} {

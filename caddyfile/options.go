@@ -6,7 +6,9 @@
 package caddyfile
 
 import (
+	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -86,7 +88,14 @@ func duration(dst *caddy.Duration, canBeOff bool) Option {
 		}
 		dur, err := caddy.ParseDuration(v)
 		if err != nil {
-			return d.Errf("option '%s': invalid duration '%s': %v", name, v, err)
+			hint := ""
+			if _, numErr := strconv.ParseFloat(v, 64); numErr == nil {
+				hint = fmt.Sprintf("; a duration has a unit, such as '%ss'", strings.TrimPrefix(v, "-"))
+				if canBeOff {
+					hint += ", and 'off' switches it off"
+				}
+			}
+			return d.Errf("option '%s': invalid duration '%s': %v%s", name, v, err, hint)
 		}
 		if dur < 0 {
 			if canBeOff {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"net"
 	"net/http"
 	"net/netip"
 	"slices"
@@ -219,7 +220,15 @@ func (q *listQuery) add(key, v string) error {
 		q.states = append(q.states, s)
 	case "upstream":
 		// As the config spells it too: "tcp/h:p" is the upstream "h:p".
-		q.upstreams = append(q.upstreams, strings.TrimPrefix(v, "tcp/"))
+		v = strings.TrimPrefix(v, "tcp/")
+		_, hostPort, family := strings.Cut(v, "/")
+		if !family {
+			hostPort = v
+		}
+		if _, _, err := net.SplitHostPort(hostPort); err != nil && !layer4chain.HasPlaceholder(v) {
+			return apiError(http.StatusBadRequest, "filter upstream: %q is not host:port, as the config lists upstreams", v)
+		}
+		q.upstreams = append(q.upstreams, v)
 	case "chain_id":
 		q.chainIDs = append(q.chainIDs, v)
 	case "client":

@@ -121,6 +121,7 @@ func TestConnectionListPagesAndFilters(t *testing.T) {
 		"?upstream=":                   "filter upstream: empty value",
 		"?client=&client=127.0.0.2":    "filter client: empty value",
 		"?state=":                      "filter state: empty value",
+		"?upstream=127.0.0.1":          "filter upstream: \"127.0.0.1\" is not host:port",
 	} {
 		status, body := admin.do(http.MethodGet, "/layer4chain/connections"+query)
 		var e struct{ Error string }

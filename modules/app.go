@@ -113,6 +113,30 @@ func (a *App) UnmarshalJSON(b []byte) error {
 func (a *App) Provision(ctx caddy.Context) error {
 	a.ctx = ctx
 	a.logger = ctx.Logger()
+	if err := a.check(); err != nil {
+		return err
+	}
+	a.SweepInterval = caddy.Duration(resolveDuration(a.SweepInterval, defaultSweepInterval))
+	a.ShutdownGrace = caddy.Duration(resolveDuration(a.ShutdownGrace, defaultShutdownGrace))
+	a.limit = a.connectionLimit()
+	a.tracker = processTracker()
+	if a.Tracing != nil {
+		tracer, err := acquireTracer(ctx, a.Tracing.sampleRatio())
+		if err != nil {
+			return err
+		}
+		a.tracer = tracer
+	}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
+	return nil
+}
+
+// check rejects bad values with an error naming the field. It runs in
+// Provision and at the end of the Caddyfile's global option, so that a
+// mistake fails `caddy adapt` at the block's line too.
+func (a *App) check() error {
 	if err := checkDuration("sweep_interval", a.SweepInterval, whySweepIntervalOn); err != nil {
 		return err
 	}
@@ -122,22 +146,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := checkLimit("max_connections", a.MaxConnections, "", 0); err != nil {
 		return err
 	}
-	a.SweepInterval = caddy.Duration(resolveDuration(a.SweepInterval, defaultSweepInterval))
-	a.ShutdownGrace = caddy.Duration(resolveDuration(a.ShutdownGrace, defaultShutdownGrace))
-	a.limit = a.connectionLimit()
-	a.tracker = processTracker()
 	if a.Tracing != nil {
-		if err := a.Tracing.check(); err != nil {
-			return err
-		}
-		tracer, err := acquireTracer(ctx, a.Tracing.sampleRatio())
-		if err != nil {
-			return err
-		}
-		a.tracer = tracer
-	}
-	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
-		return fmt.Errorf("registering metrics: %w", err)
+		return a.Tracing.check()
 	}
 	return nil
 }

@@ -323,6 +323,9 @@ func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := app.check(); err != nil {
+		return nil, block.WrapErr(err)
+	}
 	value := caddyconfig.JSON(app, nil)
 	prev, ok := existing.(httpcaddyfile.App)
 	if !ok {

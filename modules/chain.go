@@ -707,14 +707,22 @@ func templateAddr(addr string) (string, error) {
 // dialAddr turns an upstream address in Caddy's network-address form into
 // the engine's: "tcp/" is dropped, so "tcp/h:p" and "h:p" are one upstream;
 // "tcp4/" and "tcp6/" are kept, for the engine dials over that family.
-func dialAddr(addr string) (string, error) {
+func dialAddr(addr string) (_ string, err error) {
+	var written string // addr before placeholders known at load filled it
+	defer func() {
+		if err != nil && written != "" {
+			err = fmt.Errorf("%w (written %q: placeholders known at load filled it, an unset {env.*} with nothing)", err, written)
+		}
+	}()
 	// Placeholders known at load ({env.*}, {system.*}, ...) are resolved
 	// here, once, as caddy-l4's proxy does; what is left needs the
 	// connection ({l4.tls.server_name}, ...): the address is a template,
 	// filled per connection (see Handle), whose shape is checked here
 	// with each placeholder standing for one character.
 	if strings.ContainsAny(addr, "{}") {
-		addr = caddy.NewReplacer().ReplaceKnown(addr, "")
+		if filled := caddy.NewReplacer().ReplaceKnown(addr, ""); filled != addr {
+			written, addr = addr, filled
+		}
 		if layer4chain.HasPlaceholder(addr) {
 			return templateAddr(addr)
 		}

@@ -315,6 +315,9 @@ func TestDialPlaceholdersKnownAtLoadAreResolved(t *testing.T) {
 	if got, err := dialAddr("{l4.conn.local_addr}"); err != nil || got != "{l4.conn.local_addr}" {
 		t.Fatalf("a placeholder for the whole address: %q, %v", got, err)
 	}
+	if _, err := dialAddr("{env.LAYER4CHAIN_TEST_PORT_UNSET}:80"); err == nil || !strings.Contains(err.Error(), `(written "{env.LAYER4CHAIN_TEST_PORT_UNSET}:80": placeholders known at load filled it`) {
+		t.Errorf("an unset env placeholder for the host: %v, want the address as written named", err)
+	}
 	for addr, mention := range map[string]string{
 		"{evn.X}:80":                  "{evn.X} is no placeholder a connection fills",
 		"{}:80":                       "{} is no placeholder",

@@ -233,11 +233,26 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 			return nil, nil, &DialError{Reason: ClassifyDialError(err), Err: err}
 		}
 		if len(order) > 0 {
-			return nil, nil, &DialError{Reason: ReasonNoHealthyUpstream, Err: errNoHealthyUpstream}
+			return nil, nil, &DialError{Reason: ReasonNoHealthyUpstream, Err: d.noneAvailable(order)}
 		}
 		return nil, nil, &DialError{Reason: ReasonConnectFailed, Err: errors.New("no upstreams to dial")}
 	}
 	return nil, nil, last
+}
+
+// noneAvailable is the error of a connection none of whose upstreams could
+// be tried: it says why each was skipped, for the close line.
+func (d *Dialer) noneAvailable(order []*Upstream) error {
+	var why []string
+	var seen []*Upstream
+	for _, u := range order {
+		if u == nil || slices.Contains(seen, u) {
+			continue
+		}
+		seen = append(seen, u)
+		why = append(why, u.Addr+" "+u.whyUnavailable(d.Passive, d.maxConns(u)))
+	}
+	return fmt.Errorf("%w: %s", errNoHealthyUpstream, strings.Join(why, ", "))
 }
 
 // connect makes one attempt on u: the TCP connect and, when u is dialed

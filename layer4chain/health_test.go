@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -158,6 +159,10 @@ func TestAllUpstreamsOpenFailsFastWithNoHealthyUpstream(t *testing.T) {
 	_, _, err := d.Dial(context.Background(), []*Upstream{u, u, u})
 	if ClassifyReason(err) != ReasonNoHealthyUpstream || time.Since(start) > 50*time.Millisecond {
 		t.Fatalf("dial with every upstream open: %v after %v; want no_healthy_upstream at once", err, time.Since(start))
+	}
+	// The detail names each upstream once, with why it was skipped.
+	if want := u.Addr + " (circuit open)"; !strings.HasSuffix(err.Error(), ": "+want) {
+		t.Fatalf("error %q does not end with %q", err, want)
 	}
 }
 

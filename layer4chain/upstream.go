@@ -1,6 +1,7 @@
 package layer4chain
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -244,6 +245,25 @@ func (u *Upstream) selectable(p *PassiveHealth, maxConns int) bool {
 		return !h.trial
 	}
 	return true
+}
+
+// whyUnavailable says, in a few words, why selectable would skip u now.
+func (u *Upstream) whyUnavailable(p *PassiveHealth, maxConns int) string {
+	if limit := connLimit(p, maxConns); limit > 0 && u.Active() >= limit {
+		return fmt.Sprintf("(full: %d connections)", u.Active())
+	}
+	h := &u.health
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	switch {
+	case h.activeDown > 0:
+		return "(unhealthy: active checks)"
+	case p.on() && h.circuit == HealthOpen:
+		return "(circuit open)"
+	case p.on() && h.circuit == HealthHalfOpen:
+		return "(half-open: its trial connection is under way)"
+	}
+	return "(available again)"
 }
 
 // connLimit is the number of active connections at which u is skipped:

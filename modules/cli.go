@@ -39,8 +39,9 @@ upstreams, and follows one connection across every hop by its chain ID.
 
 --admin is the admin address to ask, host:port or http://host:port (default:
 Caddy's, localhost:2019 unless the CADDY_ADMIN environment variable says
-otherwise); trace takes it once per hop, one address per --admin. --json prints what the admin API answers, for scripts; without it the
-output is a table.
+otherwise); trace takes it once per hop, one address per --admin, and the
+other commands once. --json prints what the admin API answers, for scripts;
+without it the output is a table.
 
 Exit status: 0 on success; 1 when the admin API cannot be reached or answers an
 error, when show or kill find no such connection, and when trace finds the

@@ -383,12 +383,6 @@ func addrOf(u *Upstream) string {
 // value, say).
 var errUnresolvedUpstream = errors.New("template upstream")
 
-// HasPlaceholder says whether s has a placeholder ("{...}") left.
-func HasPlaceholder(s string) bool {
-	i := strings.IndexByte(s, '{')
-	return i >= 0 && strings.IndexByte(s[i:], '}') > 0
-}
-
 // ValidateUpstreamAddr checks an Upstream.Addr for dialing: "host:port",
 // optionally after a "tcp/", "tcp4/" or "tcp6/" network; a host and a
 // numeric port 1..65535 are required. It runs at provisioning so a bad

@@ -46,6 +46,13 @@ func NewUpstream(addr string) *Upstream {
 	return &Upstream{Addr: addr, template: HasPlaceholder(addr)}
 }
 
+// HasPlaceholder says whether s (an upstream address, a TLS server name)
+// has a placeholder ("{...}") left, which makes it a template.
+func HasPlaceholder(s string) bool {
+	i := strings.IndexByte(s, '{')
+	return i >= 0 && strings.IndexByte(s[i:], '}') > 0
+}
+
 // Template says whether Addr has placeholders that each connection fills.
 func (u *Upstream) Template() bool { return u.template }
 

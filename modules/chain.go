@@ -396,9 +396,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	for _, u := range upstreams {
-		if u.Template() || (upstreamTLS != nil && upstreamTLS(u) != nil && layer4chain.HasPlaceholder(upstreamTLS(u).ServerName)) {
-			h.templates = true
+		var serverName string
+		if upstreamTLS != nil {
+			if cfg := upstreamTLS(u); cfg != nil {
+				serverName = cfg.ServerName
+			}
 		}
+		h.templates = h.templates || u.Template() || layer4chain.HasPlaceholder(serverName)
 	}
 
 	tracker := processTracker()
@@ -694,8 +698,8 @@ func templateAddr(addr string) (string, error) {
 			return "", fmt.Errorf("%q: %s is no placeholder a connection fills (those are caddy-l4's {l4.*}) nor one known at load ({env.*}, {system.*}, ...)", addr, ph)
 		}
 	}
-	if placeholders.MatchString(addr) && placeholders.FindString(strings.TrimPrefix(addr, "tcp/")) == strings.TrimPrefix(addr, "tcp/") {
-		return strings.TrimPrefix(addr, "tcp/"), nil
+	if whole := strings.TrimPrefix(addr, "tcp/"); placeholders.FindString(whole) == whole {
+		return whole, nil
 	}
 	shape := placeholders.ReplaceAllString(addr, "1")
 	if _, err := dialAddr(shape); err != nil {

@@ -25,6 +25,16 @@ import (
 // 255 hops; loop detection needs no more than that.
 const TLVHops = proxyproto.PP2_TYPE_MIN_CUSTOM
 
+// checkChainIDText refuses a chain ID that is not printable ASCII: it is
+// logged, listed and searched for (our IDs are hex; HAProxy's unique-id is
+// text).
+func checkChainIDText(id []byte) error {
+	if i := slices.IndexFunc(id, func(b byte) bool { return b < 0x20 || b > 0x7E }); i >= 0 {
+		return fmt.Errorf("%w: byte 0x%02X at %d", errChainIDNotText, id[i], i)
+	}
+	return nil
+}
+
 // maxChainIDLen is the limit the PROXY protocol spec (section 2.2.7) puts on
 // PP2_TYPE_UNIQUE_ID. A longer value would be refused by conforming receivers
 // such as HAProxy, so it is refused here on both sides.
@@ -157,6 +167,9 @@ func (h ProxyHeader) AppendTo(dst []byte) ([]byte, error) {
 	if h.Version == 2 {
 		if len(h.ChainID) > maxChainIDLen {
 			return dst, fmt.Errorf("proxy protocol: chain ID is %d bytes, the limit is %d", len(h.ChainID), maxChainIDLen)
+		}
+		if err := checkChainIDText([]byte(h.ChainID)); err != nil {
+			return dst, fmt.Errorf("proxy protocol: %w", err) // no receiver of ours would accept it
 		}
 		if h.Hops < 0 || h.Hops > 255 {
 			return dst, fmt.Errorf("proxy protocol: hop count %d out of range 0..255", h.Hops)
@@ -707,10 +720,8 @@ func decodeHeader(hdr []byte) (*ProxyInfo, error) {
 			if len(t.Value) > maxChainIDLen {
 				return nil, errChainIDTooLong
 			}
-			if i := slices.IndexFunc(t.Value, func(b byte) bool { return b < 0x20 || b > 0x7E }); i >= 0 {
-				// It is logged, listed and searched for: printable ASCII
-				// only (our IDs are hex; HAProxy's unique-id is text).
-				return nil, fmt.Errorf("%w: byte 0x%02X at %d", errChainIDNotText, t.Value[i], i)
+			if err := checkChainIDText(t.Value); err != nil {
+				return nil, err
 			}
 			seenID, info.ChainID = true, string(t.Value)
 		case proxyproto.PP2_TYPE_AUTHORITY:

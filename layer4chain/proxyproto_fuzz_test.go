@@ -212,7 +212,7 @@ func FuzzProxyHeaderRoundTrip(f *testing.F) {
 		prefix := []byte("payload before")
 		out, err := h.AppendTo(bytes.Clone(prefix))
 		refusable := (h.Version != 1 && h.Version != 2) ||
-			(h.Version == 2 && (len(chainID) > maxChainIDLen || hops < 0 || hops > 255 ||
+			(h.Version == 2 && (len(chainID) > maxChainIDLen || checkChainIDText([]byte(chainID)) != nil || hops < 0 || hops > 255 ||
 				// addresses, the trace parent and TLV framing take under 80 bytes
 				len(authority)+len(chainID) > int(proxyproto.MaxV2HeaderSize)-80))
 		if err != nil {

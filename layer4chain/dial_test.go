@@ -392,7 +392,7 @@ func TestTemplateUpstreamIsResolvedPerConnection(t *testing.T) {
 	ports := make(chan string, 4)
 	h := startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
 		port := <-ports
-		return p.Serve(c, nil, ClientMeta{Server: h.Addr, Resolve: func(s string) string {
+		return p.Serve(c, nil, ClientMeta{Server: h.Addr, Resolve: func(s, _ string) string {
 			return strings.ReplaceAll(s, "{port}", port)
 		}}), true
 	})

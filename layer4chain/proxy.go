@@ -77,8 +77,10 @@ type ClientMeta struct {
 	Socket *net.TCPConn
 	// Resolve fills the connection's placeholders into an upstream address
 	// or a TLS server name that has some (see HasPlaceholder); nil when no
-	// upstream needs it.
-	Resolve func(string) string
+	// upstream needs it. sni is the TLS server name known for the
+	// connection: a matcher's at the first hop (SNI), the authority of the
+	// previous hop's header behind one, so that each hop can route by it.
+	Resolve func(template, sni string) string
 }
 
 // Serve proxies one client connection until it ends and returns why it
@@ -230,7 +232,13 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		return nil, reason
 	}
 
-	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr(), meta.Resolve)
+	var resolve func(string) string
+	if fill, sni := meta.Resolve, o.authority; fill != nil {
+		// Copies, so that only connections that fill placeholders pay for
+		// what the closure keeps.
+		resolve = func(s string) string { return fill(s, sni) }
+	}
+	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr(), resolve)
 	if err != nil {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return nil, ReasonMaxLifetime

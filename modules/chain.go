@@ -790,7 +790,14 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	meta.Socket = clientSocket(cx)
 	if h.templates {
 		repl := cx.Replacer()
-		meta.Resolve = func(s string) string { return repl.ReplaceAll(s, "") }
+		meta.Resolve = func(s, sni string) string {
+			// Behind a previous hop no tls matcher saw the client's SNI:
+			// the header's authority stands in for it.
+			if v, _ := repl.GetString("l4.tls.server_name"); v == "" && sni != "" {
+				repl.Set("l4.tls.server_name", sni)
+			}
+			return repl.ReplaceAll(s, "")
+		}
 	}
 	if meta.TLS == nil && h.AcceptProxyProtocol != nil && len(h.AcceptProxyProtocol.AllowCertificates) > 0 {
 		h.noTLSWarning.Do(func() {

@@ -504,3 +504,32 @@ func TestDialPlaceholderIsFilledPerConnection(t *testing.T) {
 			closedCount(layer4chain.ReasonConnectFailed), before, backend.AcceptedCount())
 	}
 }
+
+// Behind a previous hop, {l4.tls.server_name} is the SNI that hop's tls
+// matcher found, carried in the PROXY v2 header's authority: an inner hop
+// routes by it as the first could.
+func TestInnerHopFillsTheServerNameFromTheHeader(t *testing.T) {
+	checkLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	_, port, _ := net.SplitHostPort(backend.Addr)
+	outer, inner := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
+	outerServer := server(outer, map[string]any{"upstreams": upstreams(inner), "proxy_protocol": "v2"})
+	outerServer["routes"].([]any)[0].(map[string]any)["match"] = []any{map[string]any{"tls": map[string]any{"sni": []string{"localhost"}}}}
+	startCaddy(t, map[string]any{
+		"outer": outerServer,
+		"inner": server(inner, map[string]any{"upstreams": upstreams("{l4.tls.server_name}:" + port),
+			"accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.1/32"}}}),
+	})
+	raw := chaintest.Dial(t, outer)
+	_ = raw.SetDeadline(time.Now().Add(3 * time.Second))
+	if err := tls.Client(raw, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true}).Handshake(); err == nil {
+		t.Fatal("a TLS handshake with an echo backend succeeded")
+	}
+	select {
+	case <-backend.Accepted():
+	case <-time.After(3 * time.Second):
+		t.Fatal("the inner hop did not dial localhost:" + port)
+	}
+	raw.Close()
+	waitEmpty(t)
+}

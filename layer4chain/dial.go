@@ -276,6 +276,11 @@ func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start
 		if hostPort, err = fill("address", hostPort); err != nil {
 			return nil, true, err
 		}
+		if strings.ContainsFunc(hostPort, notInAddress) {
+			// The connection's values can be anything a client sent: the
+			// message quotes them escaped, and the resolver never sees them.
+			return nil, true, fmt.Errorf("%w: %q, filled for this connection, is %q: no address has such characters", errUnresolvedUpstream, u.Addr, hostPort)
+		}
 		if err := validateHostPort(hostPort); err != nil {
 			return nil, true, fmt.Errorf("%w: %q, filled for this connection: %w", errUnresolvedUpstream, u.Addr, err)
 		}
@@ -289,8 +294,8 @@ func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start
 		if err != nil {
 			return nil, true, err
 		}
-		if name == "" {
-			return nil, true, fmt.Errorf("%w: TLS server name %q, filled for this connection, is empty", errUnresolvedUpstream, cfg.ServerName)
+		if name == "" || strings.ContainsFunc(name, notInAddress) {
+			return nil, true, fmt.Errorf("%w: TLS server name %q, filled for this connection, is %q: empty, or characters no server name has", errUnresolvedUpstream, cfg.ServerName, name)
 		}
 		cfg = cfg.Clone()
 		cfg.ServerName = name
@@ -377,6 +382,10 @@ func addrOf(u *Upstream) string {
 	}
 	return u.Addr
 }
+
+// notInAddress says whether r can be no part of a host:port or a server
+// name: controls, spaces, and anything beyond ASCII (IDNs are punycode).
+func notInAddress(r rune) bool { return r <= ' ' || r > '~' }
 
 // errUnresolvedUpstream is an upstream template that does not make an
 // address or a TLS server name for a connection (a placeholder with no

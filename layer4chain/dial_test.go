@@ -448,3 +448,17 @@ func TestATemplatesFailuresDoNotOpenItsCircuit(t *testing.T) {
 	}
 	c.Close()
 }
+
+// What a connection fills into a template can be anything its client sent:
+// characters no address has fail the attempt before any resolver sees
+// them, and the message quotes them escaped.
+func TestATemplateFilledWithControlBytesIsQuotedNotDialed(t *testing.T) {
+	template := NewUpstream("{host}:443")
+	d := &Dialer{ConnectTimeout: time.Second}
+	_, _, err := d.dial(context.Background(), []*Upstream{template}, nil, func(s string) string {
+		return strings.ReplaceAll(s, "{host}", "evil\x1b[2J")
+	})
+	if err == nil || strings.ContainsRune(err.Error(), '\x1b') || !strings.Contains(err.Error(), `evil\x1b[2J:443`) {
+		t.Fatalf("error %q, want the filled address quoted with its escape escaped", err)
+	}
+}

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -213,7 +214,9 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		// belongs to would name a parent outside it.
 		o.chainID, o.parent = newChainID(), TraceParent{}
 	}
-	if meta.SNI != "" && !o.viaHop {
+	if meta.SNI != "" && !o.viaHop && !strings.ContainsFunc(meta.SNI, func(r rune) bool { return r > 0x7E || notPrintable(byte(r)) }) {
+		// A client's SNI that is no server name (controls, raw bytes)
+		// travels no further than this hop's own record.
 		o.authority = meta.SNI
 	}
 	p.Tracker.setOrigin(r, o.chainID, o.hops+1, o.client)
@@ -374,6 +377,11 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 		// A direct client that half-closed before a header could start:
 		// its bytes go on, and the pipe reads the EOF again.
 		err = nil
+	}
+	if err != nil && r.closedFromOutside() {
+		// Closed while waiting for the header (admin, shutdown): that
+		// close is the reason, and the header was never refused.
+		return o, nil, nil, r.Reason()
 	}
 	if err != nil {
 		var rej *ProxyRejectError

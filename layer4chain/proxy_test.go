@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -392,4 +393,38 @@ func TestAnUpstreamResetSaysWhyInTheDetail(t *testing.T) {
 	if info.Reason != ReasonUpstreamReset || !strings.Contains(info.Detail, "reset") {
 		t.Fatalf("closed with %s (%q), want upstream_reset with the error in the detail", info.Reason, info.Detail)
 	}
+}
+
+// A connection closed from outside (admin, shutdown) while its trusted
+// peer's header is awaited ends with that reason, and no header was
+// refused: no rejection counted, no rejection in the detail (a drain used
+// to count one per waiting connection).
+func TestClosedWhileAwaitingTheHeaderIsNoRejection(t *testing.T) {
+	checkEngineLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	closed := closedRecords{make(chan RecordInfo, 2)}
+	tr := NewTracker()
+	tr.Observer = closed
+	h := startHop(t, &Proxy{Tracker: tr, Balancer: balancerFor(t, backend.Addr),
+		Accept: &ProxyAcceptor{Allow: loopbackAllow, Timeout: time.Minute}}, nil)
+	silent, partial := chaintest.Dial(t, h.Addr), chaintest.Dial(t, h.Addr)
+	partial.Write([]byte(v2Sig + "\x21"))
+	for tr.Len() != 2 {
+		runtime.Gosched()
+	}
+	for _, r := range tr.Records() {
+		r.Close(ReasonAdmin)
+	}
+	for range 2 {
+		if info := closedInfo(t, closed); info.Reason != ReasonAdmin || info.Detail != "" {
+			t.Fatalf("closed with %s (%q), want admin and no detail", info.Reason, info.Detail)
+		}
+	}
+	for _, reason := range ProxyRejectReasons {
+		if n := tr.ProxyRejections(reason); n != 0 {
+			t.Fatalf("%d rejections counted as %s", n, reason)
+		}
+	}
+	silent.Close()
+	partial.Close()
 }

@@ -28,12 +28,18 @@ const TLVHops = proxyproto.PP2_TYPE_MIN_CUSTOM
 // checkChainIDText refuses a chain ID that is not printable ASCII: it is
 // logged, listed and searched for (our IDs are hex; HAProxy's unique-id is
 // text).
-func checkChainIDText(id []byte) error {
-	if i := slices.IndexFunc(id, func(b byte) bool { return b < 0x20 || b > 0x7E }); i >= 0 {
-		return fmt.Errorf("%w: byte 0x%02X at %d", errChainIDNotText, id[i], i)
+func checkChainIDText(id []byte) error { return checkPrintable(id, errChainIDNotText) }
+
+// checkPrintable refuses a received text that is not printable ASCII, as
+// kind: it would reach logs, listings and terminals as it came.
+func checkPrintable(text []byte, kind error) error {
+	if i := slices.IndexFunc(text, notPrintable); i >= 0 {
+		return fmt.Errorf("%w: byte 0x%02X at %d", kind, text[i], i)
 	}
 	return nil
 }
+
+func notPrintable(b byte) bool { return b < 0x20 || b > 0x7E }
 
 // maxChainIDLen is the limit the PROXY protocol spec (section 2.2.7) puts on
 // PP2_TYPE_UNIQUE_ID. A longer value would be refused by conforming receivers
@@ -168,8 +174,12 @@ func (h ProxyHeader) AppendTo(dst []byte) ([]byte, error) {
 		if len(h.ChainID) > maxChainIDLen {
 			return dst, fmt.Errorf("proxy protocol: chain ID is %d bytes, the limit is %d", len(h.ChainID), maxChainIDLen)
 		}
+		// No receiver of ours would accept either.
 		if err := checkChainIDText([]byte(h.ChainID)); err != nil {
-			return dst, fmt.Errorf("proxy protocol: %w", err) // no receiver of ours would accept it
+			return dst, fmt.Errorf("proxy protocol: %w", err)
+		}
+		if err := checkPrintable([]byte(h.Authority), errAuthorityNotText); err != nil {
+			return dst, fmt.Errorf("proxy protocol: %w", err)
 		}
 		if h.Hops < 0 || h.Hops > 255 {
 			return dst, fmt.Errorf("proxy protocol: hop count %d out of range 0..255", h.Hops)
@@ -379,17 +389,18 @@ func (e *ProxyRejectError) Unwrap() error { return e.Err }
 
 // Causes used when there is no underlying error to report.
 var (
-	errUntrustedHeader = errors.New("PROXY signature from a peer that is neither in allow nor presents a verified certificate named in allow_certificates")
-	errHeaderNotRead   = errors.New("PROXY header from a peer, but this hop has no accept_proxy_protocol: it sends its own header, and this one would reach the upstream after it as payload; set accept_proxy_protocol with the previous hop in allow")
-	errNoHeader        = errors.New("trusted peer sent data that is not a PROXY header")
-	errV1TooLong       = errors.New("v1 header has no line end within 107 bytes")
-	errV2TooLong       = errors.New("v2 header length exceeds proxyproto.MaxV2HeaderSize")
-	errTrailingBytes   = errors.New("decoder did not consume the whole header")
-	errChainIDTooLong  = errors.New("unique ID TLV longer than 128 bytes")
-	errChainIDNotText  = errors.New("unique ID TLV is not printable ASCII")
-	errBadHops         = errors.New("hop-count TLV is not exactly one byte")
-	errDuplicateTLV    = errors.New("duplicate TLV")
-	errBadCRC          = errors.New("CRC32C TLV does not match the header")
+	errUntrustedHeader  = errors.New("PROXY signature from a peer that is neither in allow nor presents a verified certificate named in allow_certificates")
+	errHeaderNotRead    = errors.New("PROXY header from a peer, but this hop has no accept_proxy_protocol: it sends its own header, and this one would reach the upstream after it as payload; set accept_proxy_protocol with the previous hop in allow")
+	errNoHeader         = errors.New("trusted peer sent data that is not a PROXY header")
+	errV1TooLong        = errors.New("v1 header has no line end within 107 bytes")
+	errV2TooLong        = errors.New("v2 header length exceeds proxyproto.MaxV2HeaderSize")
+	errTrailingBytes    = errors.New("decoder did not consume the whole header")
+	errChainIDTooLong   = errors.New("unique ID TLV longer than 128 bytes")
+	errChainIDNotText   = errors.New("unique ID TLV is not printable ASCII")
+	errAuthorityNotText = errors.New("authority TLV is not printable ASCII")
+	errBadHops          = errors.New("hop-count TLV is not exactly one byte")
+	errDuplicateTLV     = errors.New("duplicate TLV")
+	errBadCRC           = errors.New("CRC32C TLV does not match the header")
 )
 
 // ProxyAcceptor reads PROXY headers from previous hops it trusts. It is safe
@@ -727,6 +738,9 @@ func decodeHeader(hdr []byte) (*ProxyInfo, error) {
 		case proxyproto.PP2_TYPE_AUTHORITY:
 			if seenAuth {
 				return nil, fmt.Errorf("%w: authority", errDuplicateTLV)
+			}
+			if err := checkPrintable(t.Value, errAuthorityNotText); err != nil {
+				return nil, err // a server name is printable ASCII (IDNs are punycode)
 			}
 			seenAuth, info.Authority = true, string(t.Value)
 		case TLVHops:

@@ -136,7 +136,7 @@ func FuzzAcceptV2TLVs(f *testing.F) {
 		case info != nil && libErr != nil && !unspecProxy:
 			t.Fatalf("we accepted %+v, go-proxyproto refuses the header: %v", info, libErr)
 		case info == nil && libErr == nil &&
-			!errors.Is(err, errChainIDTooLong) && !errors.Is(err, errChainIDNotText) && !errors.Is(err, errBadHops) && !errors.Is(err, errDuplicateTLV) &&
+			!errors.Is(err, errChainIDTooLong) && !errors.Is(err, errChainIDNotText) && !errors.Is(err, errAuthorityNotText) && !errors.Is(err, errBadHops) && !errors.Is(err, errDuplicateTLV) &&
 			!errors.Is(err, errBadTraceParent) &&
 			!errors.Is(err, errBadCRC): // go-proxyproto does not check the CRC32C
 			t.Fatalf("go-proxyproto accepts the header, we refused it: %v", err)
@@ -212,7 +212,8 @@ func FuzzProxyHeaderRoundTrip(f *testing.F) {
 		prefix := []byte("payload before")
 		out, err := h.AppendTo(bytes.Clone(prefix))
 		refusable := (h.Version != 1 && h.Version != 2) ||
-			(h.Version == 2 && (len(chainID) > maxChainIDLen || checkChainIDText([]byte(chainID)) != nil || hops < 0 || hops > 255 ||
+			(h.Version == 2 && (len(chainID) > maxChainIDLen || checkChainIDText([]byte(chainID)) != nil ||
+				checkPrintable([]byte(authority), errAuthorityNotText) != nil || hops < 0 || hops > 255 ||
 				// addresses, the trace parent and TLV framing take under 80 bytes
 				len(authority)+len(chainID) > int(proxyproto.MaxV2HeaderSize)-80))
 		if err != nil {

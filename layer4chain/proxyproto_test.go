@@ -226,6 +226,7 @@ func TestAcceptMalformed(t *testing.T) {
 		{"duplicate authority", libHeader(t, 2, tcp4Src, tcp4Dst, proxyproto.TLV{Type: proxyproto.PP2_TYPE_AUTHORITY, Value: []byte("a")}, proxyproto.TLV{Type: proxyproto.PP2_TYPE_AUTHORITY, Value: []byte("b")})},
 		{"unique ID over 128 bytes", libHeader(t, 2, tcp4Src, tcp4Dst, proxyproto.TLV{Type: proxyproto.PP2_TYPE_UNIQUE_ID, Value: bytes.Repeat([]byte("x"), 129)})},
 		{"unique ID with a control byte", libHeader(t, 2, tcp4Src, tcp4Dst, proxyproto.TLV{Type: proxyproto.PP2_TYPE_UNIQUE_ID, Value: []byte("abc\ndef")})},
+		{"authority with an escape", libHeader(t, 2, tcp4Src, tcp4Dst, proxyproto.TLV{Type: proxyproto.PP2_TYPE_AUTHORITY, Value: []byte("evil\x1b[2J.example")})},
 		{"unique ID not ASCII", libHeader(t, 2, tcp4Src, tcp4Dst, proxyproto.TLV{Type: proxyproto.PP2_TYPE_UNIQUE_ID, Value: []byte("caf\xc3\xa9")})},
 		{"v1 too many fields", []byte("PROXY TCP4 1.2.3.4 5.6.7.8 1 2 3\r\n")},
 		{"v1 IPv6 in TCP4", []byte("PROXY TCP4 ::1 ::1 1 2\r\n")},

@@ -169,6 +169,14 @@ func (r *Record) Close(reason CloseReason) {
 	}
 }
 
+// closedFromOutside says whether Close was called (admin, shutdown, a
+// sweep): a read or write failing after it is that close, not the peer's.
+func (r *Record) closedFromOutside() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.closeRequested
+}
+
 // RecordInfo is a snapshot of a Record, safe to keep and encode.
 type RecordInfo struct {
 	ID             uint64      `json:"id"`

@@ -701,5 +701,30 @@ func printJSON(out io.Writer, v any) error {
 }
 
 func newTable(out io.Writer) *tabwriter.Writer {
-	return tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	return tabwriter.NewWriter(escapingControls{out}, 0, 0, 2, ' ', 0)
 }
+
+// escapingControls writes control bytes other than the table's tab and
+// newline as \xNN: a record's texts (a dial error that repeats a client's
+// SNI, say) must not drive the operator's terminal.
+type escapingControls struct{ w io.Writer }
+
+func (e escapingControls) Write(p []byte) (int, error) {
+	if !slices.ContainsFunc(p, isControl) {
+		return e.w.Write(p)
+	}
+	out := make([]byte, 0, len(p)+16)
+	for _, b := range p {
+		if isControl(b) {
+			out = fmt.Appendf(out, "\\x%02x", b)
+		} else {
+			out = append(out, b)
+		}
+	}
+	if _, err := e.w.Write(out); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func isControl(b byte) bool { return (b < 0x20 && b != '\t' && b != '\n') || b == 0x7f }

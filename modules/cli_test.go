@@ -477,3 +477,21 @@ func TestCLIUnknownSubcommandFails(t *testing.T) {
 		t.Fatalf("caddy layer4chain bogus: %v", err)
 	}
 }
+
+// A record's texts can carry what a client sent (a dial error repeats a
+// client's SNI): the table escapes control bytes, so none reaches the
+// operator's terminal as a command.
+func TestCLITablesEscapeControlBytes(t *testing.T) {
+	checkLeaks(t)
+	r := record(1, "c1", 1, "{l4.tls.server_name}:443")
+	r.FailedDials = []layer4chain.DialAttempt{{Upstream: r.Upstream, Reason: layer4chain.ReasonConnectFailed,
+		Error: "address evil\x1b[2J\x1b]0;TITLE\x07x:443: unexpected '['"}}
+	admin := startFakeAdmin(t, []layer4chain.RecordInfo{r})
+	out, err := runCLI(t, "show", "1", "--admin", admin.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.ContainsAny(out, "\x1b\x07") || !strings.Contains(out, `evil\x1b[2J\x1b]0;TITLE\x07x`) {
+		t.Fatalf("show printed %q, want the control bytes escaped", out)
+	}
+}

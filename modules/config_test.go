@@ -28,6 +28,8 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 			`accept_proxy_protocol.allow_certificates[0]: "*.chain.test" is not a certificate name`},
 		{"typo in a server name placeholder", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"server_name": "{evn.HOST}"}}}},
 			"upstreams[0].tls.server_name: {evn.HOST} is no placeholder a connection fills"},
+		{"stray brace in a server name", map[string]any{"upstreams": []any{map[string]any{"dial": []string{"127.0.0.1:9"}, "tls": map[string]any{"server_name": "{l4.tls.server_name"}}}},
+			`upstreams[0].tls.server_name: "{l4.tls.server_name" has a brace that opens or closes no placeholder`},
 		{"certificate DN", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow_certificates": []string{"CN=outer.chain.test"}}},
 			`accept_proxy_protocol.allow_certificates[0]: "CN=outer.chain.test" is a distinguished name`},
 		{"certificate name with a dot at the end", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow_certificates": []string{"outer.chain.test."}}},

@@ -34,6 +34,9 @@ func checkUpstreamTLS(i int, t *reverseproxy.TLSConfig) error {
 			return fmt.Errorf("upstreams[%d].tls.server_name: %s is no placeholder a connection fills (those are caddy-l4's {l4.*}) nor one known at load ({env.*}, {system.*}, ...)", i, ph)
 		}
 	}
+	if strings.ContainsAny(placeholders.ReplaceAllString(name, ""), "{}") {
+		return fmt.Errorf("upstreams[%d].tls.server_name: %q has a brace that opens or closes no placeholder", i, t.ServerName)
+	}
 	return nil
 }
 

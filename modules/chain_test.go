@@ -455,6 +455,25 @@ func TestLeastConnCountsConnectionsOfTheConfigBeforeAReload(t *testing.T) {
 	}
 }
 
+// helloReaches sends a TLS hello for "localhost" to addr and waits until
+// backend (an echo backend, the hello's end) accepts a connection. The
+// echo answers the hello with itself: the handshake fails, and the
+// connection, returned, stays open.
+func helloReaches(t *testing.T, addr string, backend *chaintest.Backend) net.Conn {
+	t.Helper()
+	raw := chaintest.Dial(t, addr)
+	_ = raw.SetDeadline(time.Now().Add(3 * time.Second))
+	if err := tls.Client(raw, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true}).Handshake(); err == nil {
+		t.Fatal("a TLS handshake with an echo backend succeeded")
+	}
+	select {
+	case <-backend.Accepted():
+	case <-time.After(3 * time.Second):
+		t.Fatalf("no connection reached the backend %s for the SNI localhost", backend.Addr)
+	}
+	return raw
+}
+
 // An upstream address with a placeholder only the connection knows is
 // filled per connection, as caddy-l4's proxy does: the SNI a tls matcher
 // found picks the host. The record names the template; a connection that
@@ -470,18 +489,7 @@ func TestDialPlaceholderIsFilledPerConnection(t *testing.T) {
 	sniServer["routes"].([]any)[0].(map[string]any)["match"] = []any{map[string]any{"tls": map[string]any{"sni": []string{"localhost"}}}}
 	startCaddy(t, map[string]any{"sni": sniServer, "plain": server(without, map[string]any{"upstreams": upstreams(template)})})
 
-	raw := chaintest.Dial(t, withSNI)
-	_ = raw.SetDeadline(time.Now().Add(3 * time.Second))
-	// The echo backend answers the ClientHello with itself: the handshake
-	// fails, and the connection stays open.
-	if err := tls.Client(raw, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true}).Handshake(); err == nil {
-		t.Fatal("a TLS handshake with an echo backend succeeded")
-	}
-	select {
-	case <-backend.Accepted():
-	case <-time.After(3 * time.Second):
-		t.Fatal("the backend at localhost:" + port + " was not dialed")
-	}
+	raw := helloReaches(t, withSNI, backend)
 	var rec *layer4chain.Record
 	for _, r := range processTracker().Records() {
 		if r.Server == withSNI {
@@ -520,16 +528,6 @@ func TestInnerHopFillsTheServerNameFromTheHeader(t *testing.T) {
 		"inner": server(inner, map[string]any{"upstreams": upstreams("{l4.tls.server_name}:" + port),
 			"accept_proxy_protocol": map[string]any{"allow": []string{"127.0.0.1/32"}}}),
 	})
-	raw := chaintest.Dial(t, outer)
-	_ = raw.SetDeadline(time.Now().Add(3 * time.Second))
-	if err := tls.Client(raw, &tls.Config{ServerName: "localhost", InsecureSkipVerify: true}).Handshake(); err == nil {
-		t.Fatal("a TLS handshake with an echo backend succeeded")
-	}
-	select {
-	case <-backend.Accepted():
-	case <-time.After(3 * time.Second):
-		t.Fatal("the inner hop did not dial localhost:" + port)
-	}
-	raw.Close()
+	helloReaches(t, outer, backend).Close()
 	waitEmpty(t)
 }

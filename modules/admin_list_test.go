@@ -134,35 +134,3 @@ func TestConnectionListPagesAndFilters(t *testing.T) {
 	}
 	waitEmpty(t)
 }
-
-// TestAdminAnswersJSONErrorsForUnknownPathsAndParameters: a path under
-// /layer4chain/ that names no endpoint is a JSON 404, and a query on
-// stats or upstreams, which take none, a JSON 400 naming the parameter.
-func TestAdminAnswersJSONErrorsForUnknownPathsAndParameters(t *testing.T) {
-	checkLeaks(t)
-	backend := chaintest.NewEchoBackend(t)
-	admin := startCaddyWithAdmin(t, map[string]any{"hop": server(chaintest.FreeAddr(t), map[string]any{"upstreams": upstreams(backend.Addr)})}, nil)
-	for _, c := range []struct {
-		method, path string
-		status       int
-		mention      string
-	}{
-		{http.MethodGet, "/layer4chain/connection", http.StatusNotFound, "/layer4chain/connection"},
-		{http.MethodGet, "/layer4chain/", http.StatusNotFound, "/layer4chain/stats"},
-		{http.MethodGet, "/layer4chain", http.StatusNotFound, "/layer4chain/connections"},
-		{http.MethodDelete, "/layer4chain/connections/1/x", http.StatusNotFound, "/layer4chain/connections/1/x"},
-		{http.MethodGet, "/layer4chain/stats?verbose=1", http.StatusBadRequest, `"verbose"`},
-		{http.MethodGet, "/layer4chain/upstreams?state=open&address=x", http.StatusBadRequest, `"address"`},
-	} {
-		status, body := admin.do(c.method, c.path)
-		var e struct{ Error string }
-		if err := json.Unmarshal(body, &e); err != nil || status != c.status || !strings.Contains(e.Error, c.mention) {
-			t.Errorf("%s %s: %d %s, want %d and a JSON error mentioning %s", c.method, c.path, status, body, c.status, c.mention)
-		}
-	}
-	for _, path := range []string{"/layer4chain/stats", "/layer4chain/upstreams"} {
-		if status, body := admin.do(http.MethodGet, path); status != http.StatusOK {
-			t.Errorf("GET %s: %d %s", path, status, body)
-		}
-	}
-}

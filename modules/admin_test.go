@@ -361,6 +361,14 @@ func TestAdminAPIAnswersBadRequestsWithJSONErrors(t *testing.T) {
 		{http.MethodGet, "/layer4chain/connections?colour=red", http.StatusBadRequest, "colour"},
 		{http.MethodPost, "/layer4chain/connections", http.StatusMethodNotAllowed, "POST"},
 		{http.MethodDelete, "/layer4chain/stats", http.StatusMethodNotAllowed, "DELETE"},
+		// A path under /layer4chain/ that names no endpoint is a 404 that
+		// lists them; a query on stats or upstreams, which take none, a 400.
+		{http.MethodGet, "/layer4chain/connection", http.StatusNotFound, "/layer4chain/connection"},
+		{http.MethodGet, "/layer4chain/", http.StatusNotFound, "/layer4chain/stats"},
+		{http.MethodGet, "/layer4chain", http.StatusNotFound, "/layer4chain/connections"},
+		{http.MethodDelete, "/layer4chain/connections/1/x", http.StatusNotFound, "/layer4chain/connections/1/x"},
+		{http.MethodGet, "/layer4chain/stats?verbose=1", http.StatusBadRequest, `"verbose"`},
+		{http.MethodGet, "/layer4chain/upstreams?state=open&address=x", http.StatusBadRequest, `"address"`},
 	} {
 		status, body := admin.do(tc.method, tc.path)
 		var e struct{ Error string }
@@ -370,6 +378,11 @@ func TestAdminAPIAnswersBadRequestsWithJSONErrors(t *testing.T) {
 	}
 	if list := admin.connections(""); list == nil || len(list) != 0 {
 		t.Errorf("empty list encodes as %v, want []", list)
+	}
+	for _, path := range []string{"/layer4chain/stats", "/layer4chain/upstreams"} {
+		if status, body := admin.do(http.MethodGet, path); status != http.StatusOK {
+			t.Errorf("GET %s: %d %s", path, status, body)
+		}
 	}
 }
 

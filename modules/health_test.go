@@ -249,14 +249,7 @@ func TestHealthTransitionsAndFailedDialsAreLogged(t *testing.T) {
 	live := chaintest.NewEchoBackend(t)
 	dead := chaintest.RefusedAddr(t)
 	addr := chaintest.FreeAddr(t)
-	if err := caddy.Load(configLoggingTo(t, file, breakerServers(addr, "1h", dead, live.Addr), nil), true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Error(err)
-		}
-	})
+	loadLoggingTo(t, file, breakerServers(addr, "1h", dead, live.Addr), nil)
 	c := chaintest.Dial(t, addr)
 	roundTrip(t, c, "failed over")
 	c.Close()

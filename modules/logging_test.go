@@ -21,6 +21,22 @@ import (
 	"github.com/layer4chain/caddy-layer4chain/layer4chain/chaintest"
 )
 
+// loadLoggingTo loads configLoggingTo(file, servers, app) and, when the test
+// ends, a config that logs nowhere (so later tests do not write to file),
+// then stops Caddy.
+func loadLoggingTo(t *testing.T, file string, servers map[string]any, app map[string]any) {
+	t.Helper()
+	if err := caddy.Load(configLoggingTo(t, file, servers, app), true); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Load(caddyConfig(map[string]any{}), true); err != nil {
+			t.Error(err)
+		}
+		_ = caddy.Stop()
+	})
+}
+
 // configLoggingTo is a config whose layer4chain lines, DEBUG ones
 // included, go to a log file of their own (and not to the default log), as
 // the Caddyfile's `log lc { output file chain.log; include layer4chain;
@@ -89,17 +105,7 @@ func TestConnectionLinesGoWhereTheLoggingConfigSendsThem(t *testing.T) {
 	backend := chaintest.NewEchoBackend(t)
 	addr := chaintest.FreeAddr(t)
 	servers := map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr)})}
-	if err := caddy.Load(configLoggingTo(t, first, servers, nil), true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		// Load a config that logs nowhere, so the tests after this one
-		// do not write to its files.
-		if err := caddy.Load(caddyConfig(map[string]any{}), true); err != nil {
-			t.Error(err)
-		}
-		_ = caddy.Stop()
-	})
+	loadLoggingTo(t, first, servers, nil)
 
 	for _, msg := range []string{"one", "two", "three"} {
 		c := chaintest.Dial(t, addr)
@@ -139,15 +145,7 @@ func TestRefusalsAreLoggedAndKeepTheCountsBalanced(t *testing.T) {
 	addr := chaintest.FreeAddr(t)
 	servers := map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr), "max_connections": 1})}
 	reportSuppressedRefusals() // what earlier tests left out is not ours to count
-	if err := caddy.Load(configLoggingTo(t, file, servers, map[string]any{"sweep_interval": "50ms"}), true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Load(caddyConfig(map[string]any{}), true); err != nil {
-			t.Error(err)
-		}
-		_ = caddy.Stop()
-	})
+	loadLoggingTo(t, file, servers, map[string]any{"sweep_interval": "50ms"})
 	reg := prometheus.NewRegistry()
 	if err := registerMetrics(reg); err != nil {
 		t.Fatal(err)
@@ -255,15 +253,7 @@ func TestAllowCertificatesWithoutTLSWarnsOnce(t *testing.T) {
 	addr := chaintest.FreeAddr(t)
 	servers := map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr),
 		"accept_proxy_protocol": map[string]any{"allow_certificates": []string{"outer.chain.test"}}})}
-	if err := caddy.Load(configLoggingTo(t, file, servers, nil), true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Load(caddyConfig(map[string]any{}), true); err != nil {
-			t.Error(err)
-		}
-		_ = caddy.Stop()
-	})
+	loadLoggingTo(t, file, servers, nil)
 	for i := 0; i < 2; i++ {
 		c := chaintest.Dial(t, addr)
 		roundTrip(t, c, "direct client")
@@ -417,15 +407,7 @@ func TestConnectionLinesUseTheAdminAPINamesAndLevels(t *testing.T) {
 		"sni_outer": outer,
 		"sni_inner": server(sniInner, map[string]any{"upstreams": upstreams(backend.Addr), "accept_proxy_protocol": trustLocal}),
 	}
-	if err := caddy.Load(configLoggingTo(t, file, servers, nil), true); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Load(caddyConfig(map[string]any{}), true); err != nil {
-			t.Error(err)
-		}
-		_ = caddy.Stop()
-	})
+	loadLoggingTo(t, file, servers, nil)
 
 	t.Run("ordinary close at INFO, state lines at DEBUG", func(t *testing.T) {
 		c := chaintest.Dial(t, plain)

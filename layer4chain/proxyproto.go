@@ -355,8 +355,9 @@ const (
 	ProxyRejectMalformed ProxyRejectReason = "malformed"
 	// ProxyRejectTimeout is a header that did not arrive whole before the deadline.
 	ProxyRejectTimeout ProxyRejectReason = "timeout"
-	// ProxyRejectMissing is a trusted peer that sent no header: a trusted hop
-	// always sends one, so its absence means a misconfigured chain.
+	// ProxyRejectMissing is a trusted peer that sent no header (other bytes,
+	// or nothing before the deadline or its close): a trusted hop always
+	// sends one, so its absence means a misconfigured chain.
 	ProxyRejectMissing ProxyRejectReason = "missing"
 )
 
@@ -410,8 +411,8 @@ type ProxyAcceptor struct {
 	// and prefixes are compared as IPv4.
 	Allow []netip.Prefix
 	// Timeout is how long the whole header may take; <= 0 means 3s. A
-	// trusted peer that sends nothing is rejected (ProxyRejectTimeout) once
-	// it has passed. Proxy never waits on an untrusted peer, which may be
+	// trusted peer that sends nothing is rejected (ProxyRejectMissing) once
+	// it has passed, one that sent part of a header (ProxyRejectTimeout). Proxy never waits on an untrusted peer, which may be
 	// waiting for the server to speak first: it dials at once and screens
 	// the peer's first bytes, and Timeout then bounds only how long a
 	// partial signature may stay undecided.
@@ -465,9 +466,11 @@ type DeadlineReader interface {
 //   - trusted peer, complete header: (info, rest, nil).
 //   - trusted peer, bytes that cannot start a signature: ProxyRejectMissing;
 //     with Optional, (nil, bytes, nil) like an untrusted peer.
-//   - deadline before a complete header, trusted (even with zero bytes) or
-//     untrusted with a partial signature: ProxyRejectTimeout; with
-//     Optional, zero bytes give (nil, nil, nil) like an untrusted peer.
+//   - deadline with part of a header read (a trusted peer's, or an untrusted
+//     peer's partial signature): ProxyRejectTimeout.
+//   - trusted peer, deadline with zero bytes: ProxyRejectMissing wrapping
+//     the deadline error (no header is a missing one, however it ends);
+//     with Optional, (nil, nil, nil) like an untrusted peer.
 //   - untrusted peer, a full signature ("PROXY " or the 12-byte v2 one):
 //     ProxyRejectUntrusted, decided without reading the rest of the header.
 //   - untrusted peer, bytes that cannot start a signature: (nil, bytes, nil).
@@ -548,10 +551,13 @@ func (a *ProxyAcceptor) Accept(conn DeadlineReader, peer netip.Addr) (info *Prox
 
 		// No decision yet, so buf is empty or a (partial) PROXY header.
 		if errors.Is(rerr, os.ErrDeadlineExceeded) {
-			if len(buf) == 0 && (!trusted || optional) {
-				return nil, nil, nil
+			switch {
+			case len(buf) > 0:
+				return nil, nil, &ProxyRejectError{Reason: ProxyRejectTimeout, Err: rerr}
+			case trusted && !optional:
+				return nil, nil, &ProxyRejectError{Reason: ProxyRejectMissing, Err: fmt.Errorf("trusted peer sent nothing within %s: %w", timeout, rerr)}
 			}
-			return nil, nil, &ProxyRejectError{Reason: ProxyRejectTimeout, Err: rerr}
+			return nil, nil, nil
 		}
 		_, _, signed := matchSignature(buf)
 		switch {

@@ -129,7 +129,7 @@ func TestAcceptRows(t *testing.T) {
 		{name: "trusted header then EOF", trusted: true, data: v1, wantInfo: v1Info},
 		{name: "trusted non-signature", trusted: true, data: []byte("GET / HTTP/1.1\r\n\r\n"), end: deadline, reason: ProxyRejectMissing},
 		{name: "trusted PROXY without space", trusted: true, data: []byte("PROXYX"), end: deadline, reason: ProxyRejectMissing},
-		{name: "trusted zero bytes deadline", trusted: true, end: deadline, reason: ProxyRejectTimeout, wantErr: os.ErrDeadlineExceeded},
+		{name: "trusted zero bytes deadline", trusted: true, end: deadline, reason: ProxyRejectMissing, wantErr: os.ErrDeadlineExceeded},
 		{name: "trusted partial v2 deadline", trusted: true, data: v2[:10], end: deadline, reason: ProxyRejectTimeout},
 		{name: "trusted partial v1 body deadline", trusted: true, data: v1[:20], end: deadline, reason: ProxyRejectTimeout},
 		{name: "trusted zero bytes EOF", trusted: true, reason: ProxyRejectMissing, wantErr: io.EOF},
@@ -623,7 +623,7 @@ func TestAcceptTCP(t *testing.T) {
 		wantInfo    bool
 		waitTimeout bool // Accept should return only once the deadline passes
 	}{
-		{name: "trusted sends nothing", trusted: true, reason: ProxyRejectTimeout, wantErr: os.ErrDeadlineExceeded, waitTimeout: true},
+		{name: "trusted sends nothing", trusted: true, reason: ProxyRejectMissing, wantErr: os.ErrDeadlineExceeded, waitTimeout: true},
 		{name: "trusted sends half a v2 header", trusted: true, send: v2[:len(v2)/2], reason: ProxyRejectTimeout, wantErr: os.ErrDeadlineExceeded, waitTimeout: true},
 		{name: "trusted sends v2 signature only", trusted: true, send: []byte(v2Sig), reason: ProxyRejectTimeout, waitTimeout: true},
 		{name: "trusted sends a header", trusted: true, send: append(bytes.Clone(v2), "hello"...), wantInfo: true, wantRest: "hello"},

@@ -294,7 +294,7 @@ type AcceptProxyProtocol struct {
 	// Allow lists the peers (CIDRs or single IPs) whose PROXY headers are
 	// trusted. Required: an empty list would trust nobody. Under the
 	// require policy a trusted peer must send a header; one that sends
-	// nothing is rejected (timeout) once Timeout has passed (see Policy).
+	// nothing is rejected (missing) once Timeout has passed (see Policy).
 	// A peer outside the list is served as a direct client without
 	// waiting, so protocols where the server speaks first work; its first
 	// bytes are screened: a PROXY header is rejected (untrusted), and bytes

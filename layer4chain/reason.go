@@ -39,3 +39,7 @@ var CloseReasons = []CloseReason{
 	ReasonProxyProtocolRejected, ReasonLoopDetected, ReasonLimitExceeded,
 	ReasonAdmin, ReasonShutdown, ReasonNoHealthyUpstream, ReasonUpstreamUnhealthy,
 }
+
+// DialFailureReasons lists the reasons a dial attempt fails with, in a
+// stable order: the dial failure counts report a zero for each.
+var DialFailureReasons = []CloseReason{ReasonConnectTimeout, ReasonConnectRefused, ReasonConnectFailed}

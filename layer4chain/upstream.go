@@ -110,6 +110,10 @@ const (
 	HealthUnhealthy Health = "unhealthy"
 )
 
+// Healths lists the health states in a stable order, so that counts by
+// state can report zeros for states not reached yet.
+var Healths = []Health{HealthHealthy, HealthOpen, HealthHalfOpen, HealthUnhealthy}
+
 // PassiveHealth is a handler's circuit breaker over dial failures. A zero
 // FailDuration switches it off: failures are still recorded, but never
 // open a circuit.

@@ -78,6 +78,21 @@ func TestReloadKeepsAnOpenCircuitAndReleasesARemovedUpstream(t *testing.T) {
 	adminAddr := strings.TrimPrefix(admin.base, "http://")
 	failedBefore := admin.metric(`caddy_layer4chain_dial_duration_seconds_count{outcome="failed"}`)
 	okBefore := admin.metric(`caddy_layer4chain_dial_duration_seconds_count{outcome="ok"}`)
+	// Before any connection, each listed upstream's labelled series are
+	// there at 0 (admin.metric fails on a missing one): an alert on their
+	// rate sees them from the start.
+	for _, u := range []string{dead, live.Addr} {
+		for _, r := range layer4chain.DialFailureReasons {
+			if got := admin.metric(`caddy_layer4chain_dial_failures_total{reason="` + string(r) + `",upstream="` + u + `"}`); got != 0 {
+				t.Fatalf("dial_failures_total %s of %s before any dial: %v", r, u, got)
+			}
+		}
+		for _, h := range layer4chain.Healths {
+			if got := admin.metric(`caddy_layer4chain_circuit_transitions_total{to="` + string(h) + `",upstream="` + u + `"}`); got != 0 {
+				t.Fatalf("circuit_transitions_total to %s of %s before any dial: %v", h, u, got)
+			}
+		}
+	}
 
 	c := chaintest.Dial(t, addr)
 	roundTrip(t, c, "failed over to the live upstream")

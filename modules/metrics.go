@@ -65,7 +65,7 @@ var (
 	descUpstreamHealthy = prometheus.NewDesc(namespace+"_upstream_healthy",
 		"1 when the upstream is healthy (circuit closed, active checks passing), else 0, for every upstream a loaded config lists.", []string{"upstream"}, nil)
 	descUpstreamActive = prometheus.NewDesc(namespace+"_upstream_active_connections",
-		"Connections established through the upstream now, for every upstream a loaded config lists.", []string{"upstream"}, nil)
+		"Connections being dialed or established through the upstream now, for every upstream a loaded config lists.", []string{"upstream"}, nil)
 	descLimit = prometheus.NewDesc(namespace+"_connection_limit",
 		"The process's limit on live connections (app max_connections, by default derived from RLIMIT_NOFILE); +Inf when there is none.", nil, nil)
 )
@@ -87,7 +87,19 @@ func (trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, r := range layer4chain.CloseReasons {
 		ch <- prometheus.MustNewConstMetric(descClosed, prometheus.CounterValue, float64(st.Closed[r]), string(r))
 	}
-	for k, n := range processTracker().DialFailuresByUpstream() {
+	upstreams := pooledUpstreams()
+	failures := processTracker().DialFailuresByUpstream()
+	for _, u := range upstreams {
+		for _, r := range layer4chain.DialFailureReasons {
+			// A zero for every reason of every listed upstream, so that
+			// rate() and alerts see the series before its first failure.
+			k := layer4chain.DialFailureKey{Reason: r, Upstream: u.Addr}
+			if _, ok := failures[k]; !ok {
+				failures[k] = 0
+			}
+		}
+	}
+	for k, n := range failures {
 		ch <- prometheus.MustNewConstMetric(descDialFailures, prometheus.CounterValue, float64(n), string(k.Reason), k.Upstream)
 	}
 	ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(st.BytesUp), "up")
@@ -98,7 +110,7 @@ func (trackerCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descSweeps, prometheus.CounterValue, float64(st.Sweeps))
 	ch <- prometheus.MustNewConstMetric(descZombies, prometheus.CounterValue, float64(st.ZombiesReaped))
 	ch <- prometheus.MustNewConstMetric(descLimit, prometheus.GaugeValue, connectionLimitMetric(processTracker().MaxConnections.Load()))
-	for _, u := range pooledUpstreams() {
+	for _, u := range upstreams {
 		healthy := 0.0
 		if u.Health() == layer4chain.HealthHealthy {
 			healthy = 1

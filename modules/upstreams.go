@@ -50,6 +50,9 @@ func acquireUpstream(addr string) *layer4chain.Upstream {
 		}
 		u := layer4chain.NewUpstream(addr)
 		u.OnTransition = reportTransition
+		for _, h := range layer4chain.Healths {
+			metrics.circuitTransitions.With(prometheus.Labels{"upstream": addr, "to": string(h)}) // a zero until the first
+		}
 		return pooledUpstream{u}, nil
 	})
 	return v.(pooledUpstream).Upstream

@@ -180,7 +180,11 @@ func (a *App) Start() error {
 	running.apps = append(running.apps, a)
 	a.apply()
 	running.mu.Unlock()
-	fields := []zap.Field{zap.Int("max_connections", a.limit.max), zap.String("source", a.limit.source)}
+	shown := a.limit.max
+	if shown == 0 {
+		shown = -1 // no limit, as the config spells it: 0 there means the default
+	}
+	fields := []zap.Field{zap.Int("max_connections", shown), zap.String("source", a.limit.source)}
 	if a.limit.nofile > 0 {
 		fields = append(fields, zap.Uint64("rlimit_nofile", a.limit.nofile))
 	}

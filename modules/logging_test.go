@@ -531,3 +531,33 @@ func TestConnectionLinesUseTheAdminAPINamesAndLevels(t *testing.T) {
 	})
 	waitEmpty(t)
 }
+
+// TestStartupLineSpellsTheLimitAsTheConfigDoes: the `connection limit`
+// line at start says -1 for no limit, as the config spells it (0 there
+// means the default), and the number for a set limit.
+func TestStartupLineSpellsTheLimitAsTheConfigDoes(t *testing.T) {
+	for _, tc := range []struct {
+		set    int
+		source string
+	}{{-1, "off"}, {123, "max_connections"}} {
+		file := filepath.Join(t.TempDir(), "chain.log")
+		backend := chaintest.NewEchoBackend(t)
+		servers := map[string]any{"hop": server(chaintest.FreeAddr(t), map[string]any{"upstreams": upstreams(backend.Addr)})}
+		if err := caddy.Load(configLoggingTo(t, file, servers, map[string]any{"max_connections": tc.set}), true); err != nil {
+			t.Fatal(err)
+		}
+		lines := waitLogLines(t, file, "connection limit", 1)
+		if err := caddy.Load(caddyConfig(map[string]any{}), true); err != nil {
+			t.Fatal(err)
+		}
+		var logged struct {
+			MaxConnections *int   `json:"max_connections"`
+			Source         string `json:"source"`
+		}
+		if len(lines) != 1 || json.Unmarshal([]byte(lines[0]), &logged) != nil || logged.MaxConnections == nil ||
+			*logged.MaxConnections != tc.set || logged.Source != tc.source {
+			t.Fatalf("max_connections %d: the line at start is %q; want max_connections %d, source %s", tc.set, lines, tc.set, tc.source)
+		}
+	}
+	_ = caddy.Stop()
+}

@@ -258,18 +258,24 @@ func adminRequest(addr, method, uri string, v any) error {
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("admin API %s: no answer to %s %s within %v", addr, method, uri, adminTimeout)
 	}
+	notAdmin := func(what string) error {
+		return fmt.Errorf("%s did not answer as Caddy's admin API with the layer4chain module (is it Caddy's admin address?): %s %s: %s",
+			addr, method, uri, what)
+	}
 	if err != nil {
 		var ue *url.Error // it repeats the method and the URL
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
+		if oe := (*net.OpError)(nil); !errors.As(err, &oe) || oe.Op != "dial" {
+			// Connected, but what came back was no HTTP answer (a proxy
+			// port echoing the request, a server that hung up): not the
+			// admin API, whatever is listening there.
+			return notAdmin(err.Error())
+		}
 		return fmt.Errorf("admin API %s: %s %s: %w", addr, method, uri, err)
 	}
 	defer resp.Body.Close()
-	notAdmin := func(what string) error {
-		return fmt.Errorf("%s did not answer as Caddy's admin API with the layer4chain module (is it Caddy's admin address?): %s %s: %s",
-			addr, method, uri, what)
-	}
 	if resp.StatusCode >= 400 {
 		var e struct {
 			Error string `json:"error"`

@@ -375,6 +375,18 @@ func TestCLISaysWhenTheAddressIsNoAdminAPI(t *testing.T) {
 			t.Errorf("%v against a web server: %v", args, err)
 		}
 	}
+	// A proxy port in front of an echo server answers with the request
+	// itself; one in front of something else, with a line that is no HTTP.
+	for _, answer := range []func(c *net.TCPConn){
+		chaintest.Echo,
+		func(c *net.TCPConn) { io.WriteString(c, "bye\r\n") },
+	} {
+		proxyPort := chaintest.NewBackend(t, answer)
+		if _, err := runCLI(t, "stats", "--admin", proxyPort.Addr); err == nil ||
+			!strings.Contains(err.Error(), proxyPort.Addr+" did not answer as Caddy's admin API with the layer4chain module") {
+			t.Errorf("stats against a port that is no HTTP server: %v", err)
+		}
+	}
 }
 
 // TestCLIGivesUpOnAnAdminThatNeverAnswers: an address that accepts but

@@ -185,7 +185,9 @@ func TestOffAdaptsToMinusOne(t *testing.T) {
 func TestProxyOptionsChainLacksSayWhatToUse(t *testing.T) {
 	for option, want := range map[string]string{
 		"health_uri /health": "option 'health_uri': chain's active health checks are TCP connects (with a PROXY v2 LOCAL header when proxy_protocol is set), not HTTP requests; use health_port, health_interval and health_timeout, at Caddyfile:6",
-		"upstream 127.0.0.1:7003 {\n\t\t\t\t\t\ttls_trust_pool inline abc\n\t\t\t\t\t}": "option 'tls_trust_pool': want file <pem_files...>",
+		"upstream 127.0.0.1:7003 {\n\t\t\t\t\t\ttls_trust_pool inline abc\n\t\t\t\t\t}":            "option 'tls_trust_pool': want file <pem_files...>",
+		"upstream 127.0.0.1:7003 {\n\t\t\t\t\t\ttls\n\t\t\t\t\t\ttls_timeout 2s\n\t\t\t\t\t}":      "option 'tls_timeout': connect_timeout bounds the TCP connect and the TLS handshake together; set connect_timeout instead, at Caddyfile:8",
+		"upstream 127.0.0.1:7003 {\n\t\t\t\t\t\ttls\n\t\t\t\t\t\ttls_except_ports 80\n\t\t\t\t\t}": "option 'tls_except_ports': each chain upstream has one address",
 	} {
 		_, err := adapt(t, "Caddyfile", []byte(wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\t"+option+"\n\t\t\t\t}")))
 		if err == nil || !strings.Contains(err.Error(), want) {
@@ -248,13 +250,14 @@ func TestHealthAndRetryOptionsAdapt(t *testing.T) {
 	}
 }
 
-// TestCloseIfUnhealthyFollowsTheChecksThatAreOn: with only the circuit
-// breaker on, close_if_unhealthy must not switch active checks on (an
-// active object is what switches them on), and the reverse.
-func TestCloseIfUnhealthyFollowsTheChecksThatAreOn(t *testing.T) {
+// TestCloseIfUnhealthyIsAnActiveCheckOption: as in caddy-l4,
+// close_if_unhealthy switches active checks on, alone too; with the
+// circuit breaker on, its transitions close as well.
+func TestCloseIfUnhealthyIsAnActiveCheckOption(t *testing.T) {
 	for _, tc := range []struct{ options, want string }{
+		{"close_if_unhealthy", `"health_checks":{"active":{"close_if_unhealthy":true}}`},
 		{"fail_duration 10s\n\t\t\t\t\tclose_if_unhealthy",
-			`"health_checks":{"passive":{"close_if_unhealthy":true,"fail_duration":10000000000}}`},
+			`"health_checks":{"active":{"close_if_unhealthy":true},"passive":{"close_if_unhealthy":true,"fail_duration":10000000000}}`},
 		{"close_if_unhealthy\n\t\t\t\t\thealth_interval 5s",
 			`"health_checks":{"active":{"close_if_unhealthy":true,"interval":5000000000}}`},
 		// unhealthy_connection_count alone opens no circuit: only the
@@ -368,8 +371,6 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 			"duplicate upstream option 'weight', at Caddyfile:8"},
 		{"negative weight", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tweight -1\n\t\t\t\t\t}\n\t\t\t\t}"),
 			"option 'weight': want a non-negative integer, got '-1', at Caddyfile:7"},
-		{"close_if_unhealthy without checks", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tclose_if_unhealthy\n\t\t\t\t\tidle_timeout 1m\n\t\t\t\t}"),
-			"option 'close_if_unhealthy': no health check is on to mark an upstream unhealthy; set fail_duration (the circuit breaker) or a health_* option (active checks), at Caddyfile:6"},
 		{"close_if_unhealthy with a value", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tclose_if_unhealthy yes\n\t\t\t\t}"),
 			"option 'close_if_unhealthy' takes no value, got 'yes', at Caddyfile:6"},
 		{"duplicate health option", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thealth_interval 1s\n\t\t\t\t\thealth_interval 2s\n\t\t\t\t}"),

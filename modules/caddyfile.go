@@ -97,9 +97,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		passive                   PassiveHealthChecks
 		active                    ActiveHealthChecks
 		activeOn, closeIfUnhealth bool
-		// errCloseIfUnhealthy is built at the option's line, and returned
-		// once the whole block shows that no health check is on.
-		errCloseIfUnhealthy error
 	)
 	marking := func(opt chaincaddyfile.Option) chaincaddyfile.Option { return chaincaddyfile.Marking(&activeOn, opt) }
 	options := map[string]chaincaddyfile.Option{
@@ -123,10 +120,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"health_timeout":             marking(chaincaddyfile.NotOff(whyHealthTimeoutOn, chaincaddyfile.Duration(&active.Timeout))),
 		"health_fall":                marking(chaincaddyfile.Int(&active.Fall)),
 		"health_rise":                marking(chaincaddyfile.Int(&active.Rise)),
-		"close_if_unhealthy": func(d *caddyfile.Dispenser) error {
-			errCloseIfUnhealthy = d.Errf("option 'close_if_unhealthy': no health check is on to mark an upstream unhealthy; set fail_duration (the circuit breaker) or a health_* option (active checks)")
-			return chaincaddyfile.Flag(&closeIfUnhealth)(d)
-		},
+		// As in caddy-l4, an active check option: it switches them on.
+		"close_if_unhealthy":         marking(chaincaddyfile.Flag(&closeIfUnhealth)),
 		"max_hops":                   chaincaddyfile.NotOff(whyMaxHopsOn, chaincaddyfile.Int(&h.MaxHops)),
 		"max_connections":            chaincaddyfile.IntOrOff(&h.MaxConnections),
 		"max_connections_per_client": chaincaddyfile.IntOrOff(&h.MaxConnectionsPerClient),
@@ -173,12 +168,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 
 	if closeIfUnhealth {
-		breakerOn := passive.FailDuration > 0
-		if !breakerOn && !activeOn {
-			return errCloseIfUnhealthy
-		}
-		passive.CloseIfUnhealthy = breakerOn
-		active.CloseIfUnhealthy = activeOn
+		// Beyond caddy-l4: the circuit breaker's transitions close too.
+		passive.CloseIfUnhealthy = passive.FailDuration > 0
+		active.CloseIfUnhealthy = true
 	}
 	if passive != (PassiveHealthChecks{}) || activeOn {
 		h.HealthChecks = new(HealthChecks)
@@ -262,6 +254,9 @@ func (h *Handler) parseUpstream(d *caddyfile.Dispenser) error {
 		"dial":            chaincaddyfile.Strings(&addrs),
 		"max_connections": chaincaddyfile.IntOrOff(&u.MaxConnections),
 		"weight":          chaincaddyfile.Int(&u.Weight),
+		// caddy-l4's, with nothing to do in chain: say what does the job.
+		"tls_timeout":      chaincaddyfile.Unsupported(insteadOfTLSTimeout),
+		"tls_except_ports": chaincaddyfile.Unsupported(insteadOfTLSExceptPorts),
 	}
 	for _, name := range []string{"tls", "tls_client_auth", "tls_insecure_skip_verify", "tls_server_name", "tls_trust_pool", "tls_renegotiation", "tls_curves"} {
 		options[name] = parseUpstreamTLS(&u, name)

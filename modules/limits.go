@@ -47,7 +47,7 @@ const (
 	// whyAcceptTimeoutOn is the reason accept_proxy_protocol.timeout cannot be off.
 	whyAcceptTimeoutOn = "a peer that never finishes its header would hold the connection forever"
 	// whyTriesOn is the reason load_balancing.tries cannot be off.
-	whyTriesOn = "every connection needs a bounded number of dial attempts; leave it out for one per upstream"
+	whyTriesOn = "every connection needs a bounded number of dial attempts (the default: one per upstream)"
 	// whyMaxHopsOn is the reason max_hops cannot be off.
 	whyMaxHopsOn = "a loop between hops would multiply connections without end"
 	// whySweepIntervalOn is the reason the app's sweep_interval cannot be off.

@@ -16,6 +16,14 @@ import (
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
 )
 
+// What to use instead of caddy-l4's upstream TLS options that mean nothing
+// to chain, in JSON (tls.handshake_timeout, tls.except_ports) and in the
+// Caddyfile (tls_timeout, tls_except_ports).
+const (
+	insteadOfTLSTimeout     = "connect_timeout bounds the TCP connect and the TLS handshake together; set connect_timeout instead"
+	insteadOfTLSExceptPorts = "each chain upstream has one address; leave tls out of the upstreams that take plain TCP"
+)
+
 // checkUpstreamTLS rejects the fields of caddy-l4's upstream tls that mean
 // nothing to chain, naming what does the job instead.
 func checkUpstreamTLS(i int, t *reverseproxy.TLSConfig) error {
@@ -24,9 +32,9 @@ func checkUpstreamTLS(i int, t *reverseproxy.TLSConfig) error {
 	}
 	switch {
 	case t.HandshakeTimeout != 0:
-		return fmt.Errorf("upstreams[%d].tls.handshake_timeout: connect_timeout bounds the TCP connect and the TLS handshake together; set connect_timeout instead", i)
+		return fmt.Errorf("upstreams[%d].tls.handshake_timeout: %s", i, insteadOfTLSTimeout)
 	case len(t.ExceptPorts) > 0:
-		return fmt.Errorf("upstreams[%d].tls.except_ports: each chain upstream has one address; leave tls out of the upstreams that take plain TCP", i)
+		return fmt.Errorf("upstreams[%d].tls.except_ports: %s", i, insteadOfTLSExceptPorts)
 	}
 	name := caddy.NewReplacer().ReplaceKnown(t.ServerName, "")
 	for _, ph := range placeholders.FindAllString(name, -1) {

@@ -107,7 +107,9 @@ type Dialer struct {
 	// quiet connections. Zero means 15s; negative disables keepalives.
 	KeepAlive time.Duration
 	// OnFailure, if set, is called for every failed attempt (for metrics and
-	// logs), synchronously and before the next attempt starts.
+	// logs), synchronously and before the next attempt starts; not for one
+	// that ended because ctx did (the caller stopped it, the upstream did
+	// not fail).
 	OnFailure func(*DialError)
 	// OnAttempt, if set, is called after every attempt with how long it
 	// took and its error (nil when it connected): for dial metrics.
@@ -162,7 +164,7 @@ var errNoHealthyUpstream = errors.New("every upstream is unhealthy, open or full
 // If ctx ends it stops at once, returning a *DialError wrapping ctx.Err()
 // whose Reason is connect_failed for cancellation (connect_timeout if the
 // context's own deadline passed); such an attempt is not held against the
-// upstream. An empty order is a connect_failed DialError. Dial never
+// upstream, nor reported to OnFailure. An empty order is a connect_failed DialError. Dial never
 // panics.
 func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (net.Conn, *Upstream, error) {
 	return d.dial(ctx, order, nil, nil)
@@ -175,7 +177,7 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 	var triedBuf [8]*Upstream
 	tried := triedBuf[:0]
 	for _, u := range order {
-		if err := ctx.Err(); err != nil {
+		if err := ctxErr(ctx); err != nil {
 			return nil, nil, &DialError{Upstream: addrOf(u), Reason: ClassifyDialError(err), Err: err}
 		}
 		if u == nil {
@@ -204,12 +206,12 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 			return c, u, nil
 		}
 		last = &DialError{Upstream: u.Addr, Reason: ClassifyDialError(err), Err: err}
-		if ctxErr := ctx.Err(); ctxErr != nil {
+		if ctxErr := ctxErr(ctx); ctxErr != nil {
 			// The failure may be the cancellation itself or a coincidence;
 			// either way the caller asked us to stop, and that is the reason
-			// it must see. The upstream is not to blame.
+			// it must see. The upstream is not to blame, nor counted as
+			// failing.
 			u.abandoned(a)
-			d.report(last)
 			if !errors.Is(err, ctxErr) {
 				err = fmt.Errorf("%w: %w", ctxErr, err)
 			}
@@ -238,6 +240,20 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 		return nil, nil, &DialError{Reason: ReasonConnectFailed, Err: errors.New("no upstreams to dial")}
 	}
 	return nil, nil, last
+}
+
+// ctxErr is ctx.Err(), or the error of ctx's deadline as soon as it has
+// passed: a dial that its context's deadline cut short can return before
+// the context's own timer has marked it done, and must not read as a
+// connect timeout of the upstream.
+func ctxErr(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if dl, ok := ctx.Deadline(); ok && !time.Now().Before(dl) {
+		return context.DeadlineExceeded
+	}
+	return nil
 }
 
 // noneAvailable is the error of a connection none of whose upstreams could

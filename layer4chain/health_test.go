@@ -210,7 +210,7 @@ func TestTryDurationWaitsForAnUpstreamToComeBack(t *testing.T) {
 		}
 	}()
 	r := &Record{}
-	c, _, err := p.dialUpstream(context.Background(), r, nil, client1.Addr(), nil)
+	c, _, err := p.dialUpstream(context.Background(), r, client1.Addr(), nil)
 	if err != nil {
 		t.Fatalf("dial within try_duration: %v", err)
 	}
@@ -221,7 +221,7 @@ func TestTryDurationWaitsForAnUpstreamToComeBack(t *testing.T) {
 
 	p.TryDuration = 0
 	start := time.Now()
-	if _, _, err := p.dialUpstream(context.Background(), &Record{}, nil, client1.Addr(), nil); err == nil {
+	if _, _, err := p.dialUpstream(context.Background(), &Record{}, client1.Addr(), nil); err == nil {
 		// the listener accepted only once; a refusal is expected
 		t.Log("second dial connected to a lingering backlog entry")
 	} else if time.Since(start) > time.Second {

@@ -1,8 +1,16 @@
-//go:build !unix
+//go:build !linux
 
 package layer4chain
 
-import "net"
+import (
+	"context"
+	"time"
+)
 
-// peerClosed cannot tell on this platform.
-func peerClosed(net.Conn) bool { return false }
+// peerWatch cannot tell on this platform without reading: a client that
+// leaves during the dial is noticed once the connection is established.
+type peerWatch struct{}
+
+func watchPeer(tcpSocket, time.Duration, bool, context.CancelFunc) *peerWatch { return nil }
+
+func (*peerWatch) stop() (left bool) { return false }

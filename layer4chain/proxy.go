@@ -241,12 +241,19 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 		// what the closure keeps.
 		resolve = func(s string) string { return fill(s, sni) }
 	}
-	upConn, up, err := p.dialUpstream(ctx, r, client, o.client.Addr(), resolve)
+	// A client that leaves while its upstream is dialed ends the dial: no
+	// record, limit slot or upstream connection waits out connect_timeout
+	// (and every failover) for nobody. One that sent bytes and then
+	// half-closed has not left: it may be waiting for the answer.
+	watch := watchPeer(tcpOf(client, meta.Socket), watchClientAfter, len(pending) == 0 && sc == nil, cancel)
+	upConn, up, err := p.dialUpstream(ctx, r, o.client.Addr(), resolve)
+	left := watch.stop()
 	if err != nil {
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		if errors.Is(ctxErr(ctx), context.DeadlineExceeded) {
 			return nil, ReasonMaxLifetime
 		}
-		if errors.Is(err, errClientGone) {
+		if left {
+			r.setDetail(errClientGone)
 			return nil, ReasonClientClosed
 		}
 		r.setDetail(err)
@@ -296,7 +303,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 // a TryDuration it starts over, after TryInterval, until an upstream
 // connects or TryDuration has passed since the first attempt; without one,
 // a single pass decides.
-func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, clientIP netip.Addr, resolve func(string) string) (net.Conn, *Upstream, error) {
+func (p *Proxy) dialUpstream(ctx context.Context, r *Record, clientIP netip.Addr, resolve func(string) string) (net.Conn, *Upstream, error) {
 	var orderBuf [8]*Upstream
 	deadline := time.Now().Add(p.TryDuration)
 	for {
@@ -313,16 +320,16 @@ func (p *Proxy) dialUpstream(ctx context.Context, r *Record, client net.Conn, cl
 		if serr := sleepCtx(ctx, min(p.Dialer.tryInterval(), remaining)); serr != nil {
 			return nil, nil, err
 		}
-		// Between rounds, a client that left ends its wait: nothing would
-		// be there to receive the upstream's bytes.
-		if peerClosed(client) {
-			return nil, nil, errClientGone
-		}
 	}
 }
 
-// errClientGone ends the retries of a client that closed its connection.
+// errClientGone is the detail of a client that left while its upstream was
+// dialed.
 var errClientGone = errors.New("the client closed its connection while waiting for an upstream")
+
+// watchClientAfter is how long a dial runs before the client is watched
+// for leaving: a dial that connects sooner costs no watch.
+const watchClientAfter = 20 * time.Millisecond
 
 // available says whether the dialer would let a connection through to u
 // now, for the balancer to pick among those that can take one.
@@ -372,7 +379,14 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 		return o, first, sc, reason
 	}
 	pr := &prefixedConn{Conn: client, pending: pending}
+	if end := r.lifetimeEnd.Load(); end != 0 {
+		pr.notAfter = time.Unix(0, end)
+	}
 	info, rest, err := acc.Accept(pr, r.Client.Addr())
+	if err != nil && !pr.notAfter.IsZero() && !time.Now().Before(pr.notAfter) {
+		// max_lifetime, not the peer, ended the wait: no header refused.
+		return o, nil, nil, ReasonMaxLifetime
+	}
 	if err != nil && p.Accept.Optional && errors.Is(err, io.EOF) {
 		// A direct client that half-closed before a header could start:
 		// its bytes go on, and the pipe reads the EOF again.
@@ -521,10 +535,20 @@ func (p *Proxy) maxHops() int {
 }
 
 // prefixedConn reads pending bytes before the connection's own, so a PROXY
-// header is found even when matchers already read part of it.
+// header is found even when matchers already read part of it. Its read
+// deadlines are never later than notAfter (the connection's max_lifetime),
+// when set.
 type prefixedConn struct {
 	net.Conn
-	pending []byte
+	pending  []byte
+	notAfter time.Time
+}
+
+func (c *prefixedConn) SetReadDeadline(t time.Time) error {
+	if !c.notAfter.IsZero() && !t.IsZero() && c.notAfter.Before(t) {
+		t = c.notAfter
+	}
+	return c.Conn.SetReadDeadline(t)
 }
 
 func (c *prefixedConn) Read(b []byte) (int, error) {

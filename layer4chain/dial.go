@@ -112,7 +112,9 @@ type Dialer struct {
 	// not fail).
 	OnFailure func(*DialError)
 	// OnAttempt, if set, is called after every attempt with how long it
-	// took and its error (nil when it connected): for dial metrics.
+	// took and its error (nil when it connected): for dial metrics. An
+	// attempt that ended because ctx did is not one: it measured neither
+	// the upstream's health nor its speed.
 	OnAttempt func(upstream string, took time.Duration, err error)
 	// Passive is the circuit breaker over dial failures; nil or a zero
 	// FailDuration records failures without ever opening a circuit.
@@ -198,15 +200,19 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 		start := time.Now()
 		c, chosen, err := d.connect(ctx, &nd, u, start, resolve)
 		took := time.Since(start)
-		if d.OnAttempt != nil {
-			d.OnAttempt(u.Addr, took, err)
-		}
 		if err == nil {
+			if d.OnAttempt != nil {
+				d.OnAttempt(u.Addr, took, nil)
+			}
 			u.succeeded(a)
 			return c, u, nil
 		}
 		last = &DialError{Upstream: u.Addr, Reason: ClassifyDialError(err), Err: err}
-		if ctxErr := ctxErr(ctx); ctxErr != nil {
+		ctxErr := ctxErr(ctx)
+		if d.OnAttempt != nil && ctxErr == nil {
+			d.OnAttempt(u.Addr, took, err)
+		}
+		if ctxErr != nil {
 			// The failure may be the cancellation itself or a coincidence;
 			// either way the caller asked us to stop, and that is the reason
 			// it must see. The upstream is not to blame, nor counted as

@@ -26,7 +26,8 @@ func breakerProxy(t *testing.T, timeout time.Duration, addrs ...string) (*Proxy,
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Proxy{Balancer: b, Dialer: &Dialer{ConnectTimeout: timeout,
+	tr := NewTracker()
+	return &Proxy{Balancer: b, Tracker: tr, Dialer: &Dialer{ConnectTimeout: timeout, OnAttempt: tr.ReportDial,
 		Passive: &PassiveHealth{FailDuration: time.Hour, MaxFails: 1}}}, ups
 }
 

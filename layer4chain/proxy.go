@@ -400,9 +400,9 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 	if err != nil {
 		var rej *ProxyRejectError
 		if !errors.As(err, &rej) {
-			// The trusted peer left before sending a byte (or the socket
-			// was already dead): a closed connection, no refused header.
-			r.setDetail(fmt.Errorf("closed before sending a PROXY header: %w", err))
+			// For a trusted peer every outcome of reading is a header or a
+			// rejection; this is SetReadDeadline failing on a dead socket.
+			r.setDetail(err)
 			return o, nil, nil, ReasonClientClosed
 		}
 		rejectHeader(r, rej)

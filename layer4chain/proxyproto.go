@@ -356,9 +356,8 @@ const (
 	// ProxyRejectTimeout is a header that did not arrive whole before the deadline.
 	ProxyRejectTimeout ProxyRejectReason = "timeout"
 	// ProxyRejectMissing is a trusted peer that sent no header (other bytes,
-	// or nothing before the deadline): a trusted hop always sends one, so
-	// its absence means a misconfigured chain. One that closes before
-	// sending anything refused nothing.
+	// or nothing before the deadline or its close): a trusted hop always
+	// sends one, so its absence means a misconfigured chain.
 	ProxyRejectMissing ProxyRejectReason = "missing"
 )
 
@@ -483,9 +482,7 @@ type DeadlineReader interface {
 //
 // EOF and other read errors (not the deadline) before a decision:
 //
-//   - trusted peer, zero bytes: the error, unwrapped (a peer that closed or
-//     reset before a word refused no header), or ProxyRejectMissing
-//     wrapping io.ErrNoProgress for a reader that returns nothing forever.
+//   - trusted peer, zero bytes: ProxyRejectMissing wrapping the error.
 //   - trusted peer, part of a header: ProxyRejectMalformed wrapping the error.
 //   - trusted peer with Optional, zero bytes or part of a signature (a
 //     header is no longer possible): like an untrusted peer, below.
@@ -496,8 +493,7 @@ type DeadlineReader interface {
 //     forwards data before a half-close.
 //
 // So err is either a *ProxyRejectError (close the connection), an error from
-// conn itself for an untrusted peer or a trusted one that left without a
-// byte, or an error from SetReadDeadline.
+// conn itself for an untrusted peer, or an error from SetReadDeadline.
 func (a *ProxyAcceptor) Accept(conn DeadlineReader, peer netip.Addr) (info *ProxyInfo, rest []byte, err error) {
 	var allow []netip.Prefix
 	if a != nil {
@@ -567,10 +563,6 @@ func (a *ProxyAcceptor) Accept(conn DeadlineReader, peer netip.Addr) (info *Prox
 		switch {
 		case !trusted, optional && !signed:
 			return nil, nilIfEmpty(buf), rerr
-		case len(buf) == 0 && !errors.Is(rerr, io.ErrNoProgress):
-			// A peer that left before a word (a TCP health check, an
-			// outer hop whose own client left): no header was refused.
-			return nil, nil, rerr
 		case len(buf) == 0:
 			return nil, nil, &ProxyRejectError{Reason: ProxyRejectMissing, Err: rerr}
 		default:

@@ -132,7 +132,7 @@ func TestAcceptRows(t *testing.T) {
 		{name: "trusted zero bytes deadline", trusted: true, end: deadline, reason: ProxyRejectMissing, wantErr: os.ErrDeadlineExceeded},
 		{name: "trusted partial v2 deadline", trusted: true, data: v2[:10], end: deadline, reason: ProxyRejectTimeout},
 		{name: "trusted partial v1 body deadline", trusted: true, data: v1[:20], end: deadline, reason: ProxyRejectTimeout},
-		{name: "trusted zero bytes EOF", trusted: true, wantErr: io.EOF},
+		{name: "trusted zero bytes EOF", trusted: true, reason: ProxyRejectMissing, wantErr: io.EOF},
 		{name: "trusted partial header EOF", trusted: true, data: v2[:20], reason: ProxyRejectMalformed, wantErr: io.EOF},
 		{name: "trusted partial signature EOF", trusted: true, data: []byte("PRO"), reason: ProxyRejectMalformed, wantErr: io.EOF},
 		{name: "untrusted v1 header", data: v1, end: deadline, reason: ProxyRejectUntrusted},
@@ -628,7 +628,7 @@ func TestAcceptTCP(t *testing.T) {
 		{name: "trusted sends v2 signature only", trusted: true, send: []byte(v2Sig), reason: ProxyRejectTimeout, waitTimeout: true},
 		{name: "trusted sends a header", trusted: true, send: append(bytes.Clone(v2), "hello"...), wantInfo: true, wantRest: "hello"},
 		{name: "trusted sends no header", trusted: true, send: []byte("SSH-2.0-x\r\n"), reason: ProxyRejectMissing},
-		{name: "trusted closes", trusted: true, closeWrite: true, wantErr: io.EOF},
+		{name: "trusted closes", trusted: true, closeWrite: true, reason: ProxyRejectMissing, wantErr: io.EOF},
 		{name: "trusted closes mid header", trusted: true, send: v2[:20], closeWrite: true, reason: ProxyRejectMalformed, wantErr: io.EOF},
 		{name: "untrusted sends a header", send: append(bytes.Clone(v2), "hello"...), reason: ProxyRejectUntrusted},
 		{name: "untrusted sends v1 signature only", send: []byte("PROXY "), reason: ProxyRejectUntrusted},
@@ -764,8 +764,7 @@ func FuzzProxyAcceptor(f *testing.F) {
 				t.Fatalf("rest %q + unread %q is not the end of the input", rest, conn.data)
 			}
 		} else if re == nil {
-			if trusted && (len(data) > 0 || err == nil) {
-				// Only a peer that left before a byte refused nothing.
+			if trusted {
 				t.Fatalf("trusted peer got neither a header nor a rejection: err %v", err)
 			}
 			if !bytes.Equal(data, append(bytes.Clone(rest), conn.data...)) {

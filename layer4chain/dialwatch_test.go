@@ -1,6 +1,7 @@
 package layer4chain
 
 import (
+	"crypto/tls"
 	"io"
 	"net"
 	"net/netip"
@@ -143,5 +144,32 @@ func TestMaxLifetimeEndsTheWaitForAHeader(t *testing.T) {
 		if n := h.Tracker.ProxyRejections(reason); n != 0 {
 			t.Errorf("%d headers refused (%s) for a wait the lifetime ended", n, reason)
 		}
+	}
+}
+
+// Behind TLS termination the socket cannot tell what the client sent: the
+// TLS layer may already hold its request and close_notify, leaving only
+// the FIN in the socket. Such a client is served, not taken for gone.
+func TestATLSClientThatHalfClosesDuringTheDialIsServed(t *testing.T) {
+	ca := chaintest.NewCA(t, "test CA")
+	backend := chaintest.NewEchoBackend(t)
+	p, _ := breakerProxy(t, 300*time.Millisecond, chaintest.BlackholeAddr(t), backend.Addr)
+	h := startTLSHop(t, p, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "hop", "hop.test")}})
+	for range 5 {
+		raw := chaintest.Dial(t, h.Addr)
+		c := tls.Client(raw, &tls.Config{RootCAs: ca.Pool, ServerName: "hop.test"})
+		// The request and close_notify right behind the handshake, then
+		// the FIN: all of it can reach the hop in the handshake's reads.
+		if _, err := c.Write([]byte("request")); err != nil {
+			t.Fatal(err)
+		}
+		c.CloseWrite()
+		raw.CloseWrite()
+		got, _, err := chaintest.ReadUntilClosed(c, 5*time.Second)
+		if string(got) != "request" {
+			t.Fatalf("the half-closed TLS client got %q (%v), want its request echoed after the failover", got, err)
+		}
+		h.reason(t)
+		c.Close()
 	}
 }

@@ -206,3 +206,26 @@ func TestOptionalPolicyForwardsAPrefixThatEndsInEOF(t *testing.T) {
 		t.Fatalf("reason %s, want client_closed", info.Reason)
 	}
 }
+
+// Under optional, a header that a trusted peer cut short with EOF is
+// refused as under require: counted, and no upstream dialed for it.
+func TestOptionalPolicyRefusesAHeaderCutShort(t *testing.T) {
+	checkEngineLeaks(t)
+	backend := chaintest.NewEchoBackend(t)
+	h, _ := optionalHop(t, backend.Addr, 5*time.Second)
+	hdr := mustAppend(t, ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:80")})
+	c := chaintest.Dial(t, h.Addr)
+	c.Write(hdr[:20])
+	c.CloseWrite()
+	if r := h.reason(t); r != ReasonProxyProtocolRejected {
+		t.Fatalf("a header cut short under optional ended with %s", r)
+	}
+	if n := h.Tracker.ProxyRejections(ProxyRejectMalformed); n != 1 {
+		t.Fatalf("%d malformed rejections, want 1", n)
+	}
+	if n := backend.AcceptedCount(); n != 0 {
+		t.Fatalf("the upstream was dialed %d times for a refused header", n)
+	}
+	c.Close()
+}

@@ -244,8 +244,12 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	// A client that leaves while its upstream is dialed ends the dial: no
 	// record, limit slot or upstream connection waits out connect_timeout
 	// (and every failover) for nobody. One that sent bytes and then
-	// half-closed has not left: it may be waiting for the answer.
-	watch := watchPeer(tcpOf(client, meta.Socket), watchClientAfter, len(pending) == 0 && sc == nil, cancel)
+	// half-closed has not left: it may be waiting for the answer. Behind a
+	// wrapper (TLS) the socket cannot say what the client sent, as the
+	// wrapper may hold its bytes: only a reset is leaving then.
+	sock := tcpOf(client, meta.Socket)
+	silent := len(pending) == 0 && sc == nil && net.Conn(sock) == client
+	watch := watchPeer(sock, watchClientAfter, silent, cancel)
 	upConn, up, err := p.dialUpstream(ctx, r, o.client.Addr(), resolve)
 	left := watch.stop()
 	if err != nil {
@@ -387,7 +391,7 @@ func (p *Proxy) readOrigin(r *Record, client net.Conn, pending []byte, session *
 		// max_lifetime, not the peer, ended the wait: no header refused.
 		return o, nil, nil, ReasonMaxLifetime
 	}
-	if err != nil && p.Accept.Optional && errors.Is(err, io.EOF) {
+	if rej := (*ProxyRejectError)(nil); err != nil && p.Accept.Optional && errors.Is(err, io.EOF) && !errors.As(err, &rej) {
 		// A direct client that half-closed before a header could start:
 		// its bytes go on, and the pipe reads the EOF again.
 		err = nil

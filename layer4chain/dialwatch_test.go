@@ -19,14 +19,8 @@ import (
 // breakerProxy dials addrs in order, each attempt bounded by timeout, with
 // a circuit breaker that one failure opens.
 func breakerProxy(t *testing.T, timeout time.Duration, addrs ...string) (*Proxy, []*Upstream) {
-	ups := make([]*Upstream, len(addrs))
-	for i, a := range addrs {
-		ups[i] = NewUpstream(a)
-	}
-	b, err := NewBalancer("", ups, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := balancerFor(t, addrs...)
+	ups := b.Order(nil, client1.Addr()) // the first policy: each once, in order
 	tr := NewTracker()
 	return &Proxy{Balancer: b, Tracker: tr, Dialer: &Dialer{ConnectTimeout: timeout, OnAttempt: tr.ReportDial,
 		Passive: &PassiveHealth{FailDuration: time.Hour, MaxFails: 1}}}, ups

@@ -198,16 +198,21 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 		}
 		tried = append(tried, u)
 		start := time.Now()
-		c, chosen, err := d.connect(ctx, &nd, u, start, resolve)
+		c, addr, chosen, err := d.connect(ctx, &nd, u, start, resolve)
 		took := time.Since(start)
 		if err == nil {
 			if d.OnAttempt != nil {
 				d.OnAttempt(u.Addr, took, nil)
 			}
 			u.succeeded(a)
+			if rec != nil {
+				rec.mu.Lock()
+				rec.upstream = addr
+				rec.mu.Unlock()
+			}
 			return c, u, nil
 		}
-		last = &DialError{Upstream: u.Addr, Reason: ClassifyDialError(err), Err: err}
+		last = &DialError{Upstream: addr, Reason: ClassifyDialError(err), Err: err}
 		ctxErr := ctxErr(ctx)
 		if d.OnAttempt != nil && ctxErr == nil {
 			d.OnAttempt(u.Addr, took, err)
@@ -221,7 +226,7 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 			if !errors.Is(err, ctxErr) {
 				err = fmt.Errorf("%w: %w", ctxErr, err)
 			}
-			return nil, nil, &DialError{Upstream: u.Addr, Reason: ClassifyDialError(ctxErr), Err: err}
+			return nil, nil, &DialError{Upstream: addr, Reason: ClassifyDialError(ctxErr), Err: err}
 		}
 		if chosen {
 			// This connection's values made the address or the TLS name
@@ -233,7 +238,7 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 		}
 		d.report(last)
 		if rec != nil {
-			rec.addFailedDial(DialAttempt{Upstream: u.Addr, Reason: last.Reason, Error: err.Error(), Duration: took})
+			rec.addFailedDial(DialAttempt{Upstream: addr, Reason: last.Reason, Error: err.Error(), Duration: took})
 		}
 	}
 	if last == nil {
@@ -283,28 +288,33 @@ func (d *Dialer) noneAvailable(order []*Upstream) error {
 // An upstream whose address has placeholders (a template) is dialed at
 // what resolve makes of it for this connection, and a TLS server name with
 // placeholders is filled the same way, both before the dial; its health,
-// limits and metrics stay the template's. chosen says that the attempt
+// limits and metrics stay the template's, while addr, the address dialed,
+// is the filled one (u.Addr for a fixed address, or a template that could
+// not be filled), for the connection's record. chosen says that the attempt
 // went where this connection's values (an SNI, say: the client's choice)
 // sent it: its failure is not the upstream's (see dial).
-func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start time.Time, resolve func(string) string) (c net.Conn, chosen bool, err error) {
+func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start time.Time, resolve func(string) string) (c net.Conn, addr string, chosen bool, err error) {
 	fill := func(what, s string) (string, error) {
 		if resolve == nil {
 			return "", fmt.Errorf("%w: %s %q has placeholders and nothing to fill them", errUnresolvedUpstream, what, s)
 		}
 		return resolve(s), nil
 	}
-	hostPort := u.hostPort()
+	addr, hostPort := u.Addr, u.hostPort()
 	if u.template {
 		if hostPort, err = fill("address", hostPort); err != nil {
-			return nil, true, err
+			return nil, addr, true, err
 		}
 		if strings.ContainsFunc(hostPort, notInAddress) {
 			// The connection's values can be anything a client sent: the
 			// message quotes them escaped, and the resolver never sees them.
-			return nil, true, fmt.Errorf("%w: %q, filled for this connection, is %q: no address has such characters", errUnresolvedUpstream, u.Addr, hostPort)
+			return nil, addr, true, fmt.Errorf("%w: %q, filled for this connection, is %q: no address has such characters", errUnresolvedUpstream, u.Addr, hostPort)
 		}
 		if err := validateHostPort(hostPort); err != nil {
-			return nil, true, fmt.Errorf("%w: %q, filled for this connection: %w", errUnresolvedUpstream, u.Addr, err)
+			return nil, addr, true, fmt.Errorf("%w: %q, filled for this connection: %w", errUnresolvedUpstream, u.Addr, err)
+		}
+		if addr = hostPort; u.Addr != u.hostPort() {
+			addr = u.network() + "/" + hostPort
 		}
 	}
 	var cfg *tls.Config
@@ -314,10 +324,10 @@ func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start
 	if cfg != nil && HasPlaceholder(cfg.ServerName) {
 		name, err := fill("TLS server name", cfg.ServerName)
 		if err != nil {
-			return nil, true, err
+			return nil, addr, true, err
 		}
 		if name == "" || strings.ContainsFunc(name, notInAddress) {
-			return nil, true, fmt.Errorf("%w: TLS server name %q, filled for this connection, is %q: empty, or characters no server name has", errUnresolvedUpstream, cfg.ServerName, name)
+			return nil, addr, true, fmt.Errorf("%w: TLS server name %q, filled for this connection, is %q: empty, or characters no server name has", errUnresolvedUpstream, cfg.ServerName, name)
 		}
 		cfg = cfg.Clone()
 		cfg.ServerName = name
@@ -326,20 +336,20 @@ func (d *Dialer) connect(ctx context.Context, nd *net.Dialer, u *Upstream, start
 	chosen = chosen || u.template
 	nc, err := nd.DialContext(ctx, u.network(), hostPort)
 	if err != nil {
-		return nil, u.template, err // a fixed address refusing is the upstream's failure
+		return nil, addr, u.template, err // a fixed address refusing is the upstream's failure
 	}
 	tc, ok := nc.(*net.TCPConn)
 	if !ok {
 		// Unreachable for TCP networks, but a wrong type must not crash
 		// the hop.
 		nc.Close()
-		return nil, chosen, fmt.Errorf("dial returned %T, not *net.TCPConn", nc)
+		return nil, addr, chosen, fmt.Errorf("dial returned %T, not *net.TCPConn", nc)
 	}
 	if cfg == nil {
-		return tc, chosen, nil
+		return tc, addr, chosen, nil
 	}
 	c, err = clientHandshake(ctx, tc, cfg, start.Add(d.connectTimeout()))
-	return c, chosen, err
+	return c, addr, chosen, err
 }
 
 func (d *Dialer) maxConns(u *Upstream) int {

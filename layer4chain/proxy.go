@@ -275,10 +275,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	// connection's life (a dial's child context leaves a map in it).
 	established = true
 	cancel()
-	s := &session{r: r, client: client, upConn: upConn, up: up}
-	r.mu.Lock()
-	r.upstream = up.Addr
-	r.mu.Unlock()
+	s := &session{r: r, client: client, upConn: upConn, up: up} // dial set r's upstream
 	clientTCP := tcpOf(client, meta.Socket)
 	r.setSockets(clientTCP, tcpOf(upConn, nil))
 	r.setInterrupt(func() {

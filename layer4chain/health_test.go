@@ -397,3 +397,32 @@ func TestCloseUpstreamClosesOneScopesConnectionsOnly(t *testing.T) {
 	tr.Remove(a, ReasonNone)
 	tr.Remove(b, ReasonClientClosed)
 }
+
+// A circuit that a handler's breaker opened, on an upstream that now
+// answers, closes at the first connection a handler without a breaker
+// makes through it (after a reload that dropped fail_duration): it is not
+// left open, or half-open with no handler to run its trial, reported
+// unhealthy while it serves.
+func TestASuccessWithoutABreakerClosesTheCircuit(t *testing.T) {
+	u := NewUpstream(chaintest.NewEchoBackend(t).Addr)
+	events := watch(u)
+	// A failure under a breaker that one failure opens: the upstream was
+	// down when the old config dialed it.
+	passive := &PassiveHealth{FailDuration: time.Hour, MaxFails: 1}
+	if !u.failed(u.begin(passive, 0), passive, errors.New("connection refused")) {
+		t.Fatal("the failure did not open the circuit")
+	}
+	events.next(t, HealthHealthy, HealthOpen)
+
+	noBreaker := &Dialer{ConnectTimeout: time.Second}
+	c, _, err := noBreaker.Dial(context.Background(), []*Upstream{u})
+	if err != nil {
+		t.Fatalf("a handler without a breaker could not dial: %v", err)
+	}
+	c.Close()
+	u.Release()
+	events.next(t, HealthOpen, HealthHealthy)
+	if got := u.Health(); got != HealthHealthy {
+		t.Fatalf("health %s after a connection succeeded, want healthy", got)
+	}
+}

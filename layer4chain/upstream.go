@@ -343,18 +343,26 @@ func (u *Upstream) reserve(limit int64) bool {
 	}
 }
 
-// succeeded records a connected dial: a trial closes the circuit.
+// succeeded records a connected dial, which closes an open or half-open
+// circuit: the trial did, or a connection of a handler without a breaker
+// (one the circuit does not hold back, after a reload that dropped
+// fail_duration, say) reached the upstream; either way it answers.
 func (u *Upstream) succeeded(a attempt) {
 	h := &u.health
 	h.mu.Lock()
 	h.consecutive = 0
-	if !a.trial || h.circuit != HealthHalfOpen {
+	from := h.circuit
+	if from != HealthOpen && from != HealthHalfOpen {
 		h.mu.Unlock()
 		return
 	}
 	h.circuit, h.trial, h.failures = HealthHealthy, false, h.failures[:0]
 	h.mu.Unlock()
-	u.notify(HealthHalfOpen, HealthHealthy, "trial connection succeeded")
+	cause := "trial connection succeeded"
+	if !a.trial {
+		cause = "a connection of a handler without fail_duration succeeded"
+	}
+	u.notify(from, HealthHealthy, cause)
 }
 
 // abandoned gives back a trial whose dial was cancelled (the client left):

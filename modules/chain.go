@@ -21,6 +21,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
 	"github.com/mholt/caddy-l4/layer4"
+	"github.com/pires/go-proxyproto"
 	"go.uber.org/zap"
 
 	"github.com/layer4chain/caddy-layer4chain/layer4chain"
@@ -157,6 +158,9 @@ type Handler struct {
 	acquired []string
 	// noTLSWarning says once that allow_certificates cannot match.
 	noTLSWarning sync.Once
+	// l4ProxyProtocolWarning says once that caddy-l4's proxy_protocol
+	// handler read the header before chain could.
+	l4ProxyProtocolWarning sync.Once
 	// templates: an upstream address or TLS server name has placeholders
 	// that each connection fills (see dialAddr).
 	templates bool
@@ -802,6 +806,12 @@ func (h *Handler) Handle(cx *layer4.Connection, _ layer4.Handler) error {
 	if meta.TLS == nil && h.AcceptProxyProtocol != nil && len(h.AcceptProxyProtocol.AllowCertificates) > 0 {
 		h.noTLSWarning.Do(func() {
 			logger().Warn("accept_proxy_protocol.allow_certificates trusts nobody here: no tls handler terminated TLS before chain, so no peer has a verified certificate; put caddy-l4's tls handler with client_auth before chain in the route",
+				zap.String("server", meta.Server))
+		})
+	}
+	if _, ok := cx.Conn.(*proxyproto.Conn); ok {
+		h.l4ProxyProtocolWarning.Do(func() {
+			logger().Warn("caddy-l4's proxy_protocol handler read the PROXY header before chain: the chain ID and hop count it carried are lost (trace cannot join this hop to the previous one, loops go uncounted), and with go-proxyproto v0.15 that handler does not enforce its allow list; remove it from the route and set chain's accept_proxy_protocol instead",
 				zap.String("server", meta.Server))
 		})
 	}

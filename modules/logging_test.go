@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -560,4 +561,34 @@ func TestStartupLineSpellsTheLimitAsTheConfigDoes(t *testing.T) {
 		}
 	}
 	_ = caddy.Stop()
+}
+
+// TestCaddyL4ProxyProtocolHandlerBeforeChainWarnsOnce: caddy-l4's own
+// proxy_protocol handler, put before chain out of habit, reads the header
+// chain would have read (its chain ID and hop count are lost): the hop
+// says so, once, and still serves.
+func TestCaddyL4ProxyProtocolHandlerBeforeChainWarnsOnce(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "chain.log")
+	backend := chaintest.NewEchoBackend(t)
+	addr := chaintest.FreeAddr(t)
+	hop := server(addr, map[string]any{"upstreams": upstreams(backend.Addr)})
+	route := hop["routes"].([]any)[0].(map[string]any)
+	route["handle"] = append([]any{map[string]any{"handler": "proxy_protocol", "allow": []string{"127.0.0.1/32"}}}, route["handle"].([]any)...)
+	loadLoggingTo(t, file, map[string]any{"hop": hop}, nil)
+	header, err := layer4chain.ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("198.51.100.7:4000"),
+		Destination: netip.MustParseAddrPort("127.0.0.1:25"), ChainID: "feedfacefeedfacefeedfacefeedface", Hops: 1}.AppendTo(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		c := chaintest.Dial(t, addr)
+		c.Write(header)
+		roundTrip(t, c, "behind caddy-l4's handler")
+		c.Close()
+	}
+	waitEmpty(t)
+	const msg = "caddy-l4's proxy_protocol handler read the PROXY header before chain: the chain ID and hop count it carried are lost (trace cannot join this hop to the previous one, loops go uncounted), and with go-proxyproto v0.15 that handler does not enforce its allow list; remove it from the route and set chain's accept_proxy_protocol instead"
+	if lines := waitLogLines(t, file, msg, 1); len(lines) != 1 {
+		t.Fatalf("%d warnings about caddy-l4's proxy_protocol handler, want exactly 1", len(lines))
+	}
 }

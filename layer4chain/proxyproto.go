@@ -392,7 +392,7 @@ func (e *ProxyRejectError) Unwrap() error { return e.Err }
 var (
 	errUntrustedHeader  = errors.New("PROXY signature from a peer that is neither in allow nor presents a verified certificate named in allow_certificates")
 	errHeaderNotRead    = errors.New("PROXY header from a peer, but this hop has no accept_proxy_protocol: it sends its own header, and this one would reach the upstream after it as payload; set accept_proxy_protocol with the previous hop in allow")
-	errNoHeader         = errors.New("trusted peer sent data that is not a PROXY header")
+	errNoHeader         = errors.New("trusted peer sent data that is not a PROXY header (is proxy_protocol set on the hop before this one?)")
 	errV1TooLong        = errors.New("v1 header has no line end within 107 bytes")
 	errV2TooLong        = errors.New("v2 header length exceeds proxyproto.MaxV2HeaderSize")
 	errTrailingBytes    = errors.New("decoder did not consume the whole header")

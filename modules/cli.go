@@ -62,13 +62,20 @@ var adminTimeout = 10 * time.Second
 // cliCommands adds the subcommands to the `caddy layer4chain` command.
 func cliCommands(root *cobra.Command) {
 	// Without a subcommand, the help; with one it does not know, an error
-	// (cobra alone would print the help and exit 0).
+	// (cobra alone would print the help and exit 0). The flags that follow
+	// a mistyped subcommand are the subcommand's, not this command's to
+	// refuse: its own flag parsing would answer `upstream --admin X` with
+	// "unknown flag: --admin".
 	root.Args = cobra.ArbitraryArgs
+	root.DisableFlagParsing = true
 	root.RunE = func(cmd *cobra.Command, args []string) error {
-		if len(args) > 0 {
-			return fmt.Errorf("unknown subcommand %q: want list, show, kill, stats, upstreams or trace", args[0])
+		switch {
+		case len(args) == 0 || slices.Contains(args, "-h") || slices.Contains(args, "--help"):
+			return cmd.Help()
+		case strings.HasPrefix(args[0], "-"):
+			return fmt.Errorf("no subcommand in %q: want list, show, kill, stats, upstreams or trace", strings.Join(args, " "))
 		}
-		return cmd.Help()
+		return fmt.Errorf("unknown subcommand %q: want list, show, kill, stats, upstreams or trace", args[0])
 	}
 	root.AddCommand(
 		cliCommand(&cobra.Command{

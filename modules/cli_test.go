@@ -485,8 +485,16 @@ func TestCLIListStopsWhenPagesDoNotAdvance(t *testing.T) {
 }
 
 func TestCLIUnknownSubcommandFails(t *testing.T) {
-	if _, err := runCLI(t, "bogus"); err == nil || !strings.Contains(err.Error(), `unknown subcommand "bogus"`) {
-		t.Fatalf("caddy layer4chain bogus: %v", err)
+	for _, args := range [][]string{{"bogus"}, {"upstream", "--admin", "127.0.0.1:1"}, {"lst", "--json"}} {
+		if _, err := runCLI(t, args...); err == nil || !strings.Contains(err.Error(), `unknown subcommand "`+args[0]+`"`) {
+			t.Errorf("caddy layer4chain %v: %v", args, err)
+		}
+	}
+	if _, err := runCLI(t, "--bogus"); err == nil || !strings.Contains(err.Error(), `no subcommand in "--bogus"`) {
+		t.Errorf("a flag and no subcommand: %v", err)
+	}
+	if out, err := runCLI(t, "--help"); err != nil || !strings.Contains(out, "trace") {
+		t.Errorf("--help: %v\n%s", err, out)
 	}
 }
 

@@ -553,6 +553,17 @@ type ChainTrace struct {
 	// connecting): the backend when the admin APIs of every hop were
 	// asked, else the next hop, which no admin API given reported.
 	Backend string `json:"backend"`
+	// Unreachable lists the admin APIs that could not be asked, and why;
+	// empty, not null, when every one answered.
+	Unreachable []TraceFailure `json:"unreachable"`
+}
+
+// TraceFailure is an admin API a trace could not ask.
+type TraceFailure struct {
+	// Admin is the address given.
+	Admin string `json:"admin"`
+	// Error says what went wrong.
+	Error string `json:"error"`
 }
 
 // ErrChainNotFound is returned by trace when no hop has the chain ID.
@@ -563,12 +574,17 @@ func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// The hops found are printed even when an admin API did not answer
+	// (then the command still fails): in an incident, they are the lead.
 	tr, err := TraceChain(args[0], admins)
-	if err != nil {
+	if len(tr.Hops) == 0 {
 		return err
 	}
 	if asJSON(cmd) {
-		return printJSON(out, tr)
+		if perr := printJSON(out, tr); perr != nil {
+			return perr
+		}
+		return err
 	}
 	now := time.Now()
 	fmt.Fprintf(out, "chain %s\n", tr.ChainID)
@@ -586,7 +602,13 @@ func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
 	}
 	last := tr.Hops[len(tr.Hops)-1].Hop
 	fmt.Fprintf(tw, "upstream of hop %d\t\t\t\t\t\t\t\t%s\tthe backend, if hop %d is the last hop\n", last, dash(tr.Backend), last)
-	return tw.Flush()
+	for _, u := range tr.Unreachable {
+		fmt.Fprintf(tw, "?\t%s\t(no answer)\t\t\t\t\t\t\t%s\n", u.Admin, u.Error)
+	}
+	if ferr := tw.Flush(); ferr != nil {
+		return ferr
+	}
+	return err
 }
 
 // sameRecord says whether two answers describe one connection: the same
@@ -599,8 +621,9 @@ func sameRecord(a, b layer4chain.RecordInfo) bool {
 // TraceChain asks every admin API (addresses as Caddy's admin option takes
 // them; one given twice is asked once) at once for the chain ID's
 // connections and orders what they answer by hop; it is what `caddy
-// layer4chain trace` prints. It fails, naming each, when an admin API
-// cannot be asked, and with ErrChainNotFound when none has the chain ID.
+// layer4chain trace` prints. When an admin API cannot be asked it returns
+// what the others answered with an error naming each that failed; with
+// ErrChainNotFound when all answered and none has the chain ID.
 func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 	if chainID == "" {
 		return ChainTrace{}, errors.New("chain ID: empty")
@@ -628,11 +651,12 @@ func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 		}()
 	}
 	wg.Wait()
-	tr := ChainTrace{ChainID: chainID, Hops: []TraceHop{}, MissingHops: []int{}}
+	tr := ChainTrace{ChainID: chainID, Hops: []TraceHop{}, MissingHops: []int{}, Unreachable: []TraceFailure{}}
 	var errs []error
 	for i, a := range answers {
 		if a.err != nil {
 			errs = append(errs, a.err)
+			tr.Unreachable = append(tr.Unreachable, TraceFailure{Admin: admins[i], Error: a.err.Error()})
 			continue
 		}
 		for _, info := range a.list {
@@ -643,11 +667,11 @@ func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 			}
 		}
 	}
-	if len(errs) > 0 {
-		return ChainTrace{}, errors.Join(errs...)
-	}
 	if len(tr.Hops) == 0 {
-		return ChainTrace{}, fmt.Errorf("%w: %s (asked %s)", ErrChainNotFound, chainID, strings.Join(admins, ", "))
+		if len(errs) > 0 {
+			return tr, errors.Join(errs...)
+		}
+		return tr, fmt.Errorf("%w: %s (asked %s)", ErrChainNotFound, chainID, strings.Join(admins, ", "))
 	}
 	// Stable: hops with one number (a chain through one process twice)
 	// keep the order of the admin addresses given.
@@ -663,7 +687,7 @@ func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 			tr.MissingHops = append(tr.MissingHops, n)
 		}
 	}
-	return tr, nil
+	return tr, errors.Join(errs...)
 }
 
 // clientOf is the connection's original client, or its socket peer when

@@ -258,9 +258,19 @@ func TestCLITraceFailsWhenNoHopHasTheChainOrAnAdminIsUnreachable(t *testing.T) {
 		t.Fatalf("trace of an unknown chain ID: %v, want ErrChainNotFound naming %s", err, admin.addr)
 	}
 	dead := chaintest.RefusedAddr(t)
-	_, err := runCLI(t, "trace", "known", "--admin", admin.addr, "--admin", dead)
+	out, err := runCLI(t, "trace", "known", "--admin", admin.addr, "--admin", dead)
 	if err == nil || !strings.Contains(err.Error(), "admin API "+dead) || strings.Contains(err.Error(), "admin API "+admin.addr) {
 		t.Fatalf("trace with an unreachable admin API: %v, want an error naming %s only", err, dead)
+	}
+	// What the others found is still printed: in an incident it is the
+	// lead, and the unreachable admin API has a row of its own.
+	if !regexpMatch(`(?m)^1 +`+regexp.QuoteMeta(admin.addr), out) || !regexpMatch(`(?m)^\? +`+regexp.QuoteMeta(dead)+` +\(no answer\) +.*connection refused`, out) {
+		t.Fatalf("trace with an unreachable admin API printed:\n%s", out)
+	}
+	out, err = runCLI(t, "trace", "known", "--json", "--admin", admin.addr, "--admin", dead)
+	var tr ChainTrace
+	if err == nil || json.Unmarshal([]byte(out), &tr) != nil || len(tr.Hops) != 1 || len(tr.Unreachable) != 1 || tr.Unreachable[0].Admin != dead {
+		t.Fatalf("trace --json with an unreachable admin API (%v):\n%s", err, out)
 	}
 	for _, args := range [][]string{{"list"}, {"show", "1"}, {"kill", "1"}, {"stats"}, {"upstreams"}} {
 		if _, err := runCLI(t, append(args, "--admin", dead)...); err == nil || !strings.Contains(err.Error(), dead) {

@@ -371,6 +371,8 @@ func TestBadCaddyfilesFailWithTheOptionAndLine(t *testing.T) {
 			"duplicate upstream option 'weight', at Caddyfile:8"},
 		{"negative weight", wrap("chain {\n\t\t\t\t\tupstream 127.0.0.1:7002 {\n\t\t\t\t\t\tweight -1\n\t\t\t\t\t}\n\t\t\t\t}"),
 			"option 'weight': want a non-negative integer, got '-1', at Caddyfile:7"},
+		{"accept_proxy_protocol with arguments", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\taccept_proxy_protocol 127.0.0.1/32\n\t\t\t\t}"),
+			"option 'accept_proxy_protocol' takes a block, not arguments: accept_proxy_protocol { allow 127.0.0.1/32 }, at Caddyfile:6"},
 		{"close_if_unhealthy with a value", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\tclose_if_unhealthy yes\n\t\t\t\t}"),
 			"option 'close_if_unhealthy' takes no value, got 'yes', at Caddyfile:6"},
 		{"duplicate health option", wrap("chain 127.0.0.1:7002 {\n\t\t\t\t\thealth_interval 1s\n\t\t\t\t\thealth_interval 2s\n\t\t\t\t}"),

@@ -458,6 +458,10 @@ func validateHostPort(addr string) error {
 	}
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
+		if i := strings.LastIndexByte(addr, ':'); i > 0 && strings.Count(addr, ":") > 1 && !strings.HasPrefix(addr, "[") {
+			// An IPv6 address without brackets.
+			return fmt.Errorf("upstream address %q is not host:port: an IPv6 host goes in brackets, as in [%s]:%s", addr, addr[:i], addr[i+1:])
+		}
 		return fmt.Errorf("upstream address %q is not host:port: %w", addr, err)
 	}
 	if host == "" {

@@ -57,8 +57,8 @@ func TestBadAppConfigFailsNamingTheField(t *testing.T) {
 	}{
 		{map[string]any{"sweep_interval": "1 s"}, `sweep_interval: time: unknown unit " s" in duration "1 s"`},
 		{map[string]any{"shutdown_grace": "soon"}, `shutdown_grace: time: invalid duration "soon"`},
-		{map[string]any{"max_connections": "100"}, "max_connections: json: cannot unmarshal string"},
-		{map[string]any{"tracing": map[string]any{"sample_ratio": "all"}}, "tracing.sample_ratio: json: cannot unmarshal string"},
+		{map[string]any{"max_connections": "100"}, "max_connections: want a whole number, got a JSON string"},
+		{map[string]any{"tracing": map[string]any{"sample_ratio": "all"}}, "tracing.sample_ratio: want a number, got a JSON string"},
 		{map[string]any{"sweep_intervall": "1s"}, `unknown field "sweep_intervall"`},
 		{map[string]any{"tracing": map[string]any{"sampler": "always"}}, `tracing: json: unknown field "sampler"`},
 	} {

@@ -127,7 +127,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"max_connections_per_client": chaincaddyfile.IntOrOff(&h.MaxConnectionsPerClient),
 		"accept_proxy_protocol": func(d *caddyfile.Dispenser) error {
 			if d.CountRemainingArgs() > 0 {
-				return d.ArgErr()
+				return d.Errf("option 'accept_proxy_protocol' takes a block, not arguments: accept_proxy_protocol { allow %s }", strings.Join(d.RemainingArgs(), " "))
 			}
 			app := new(AcceptProxyProtocol)
 			h.AcceptProxyProtocol = app

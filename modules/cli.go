@@ -182,6 +182,9 @@ func adminAddress(v string) (string, error) {
 		return "", fmt.Errorf("--admin %q: one address per --admin; repeat --admin for each hop", v)
 	case strings.HasPrefix(v, "https://"):
 		return "", fmt.Errorf("--admin %q: the admin API this command asks is plain HTTP: give its host:port", v)
+	case strings.HasPrefix(v, "unix:/"), strings.HasPrefix(v, "/"):
+		path := "/" + strings.TrimLeft(strings.TrimPrefix(v, "unix:"), "/")
+		return "", fmt.Errorf("--admin %q: a Unix socket is written as Caddy's admin option writes it: unix/%s", v, path)
 	}
 	addr, isURL := strings.CutPrefix(v, "http://")
 	addr = strings.TrimSuffix(addr, "/")

@@ -347,6 +347,8 @@ func TestCLIAdminAddresses(t *testing.T) {
 		"":                                 "empty",
 		"127.0.0.1":                        "no port; Caddy's default admin address is localhost:2019",
 		"http://" + admin.addr + "/config": "has no path (got /config)",
+		"unix:///run/caddy/admin.sock":     "written as Caddy's admin option writes it: unix//run/caddy/admin.sock",
+		"/run/caddy/admin.sock":            "unix//run/caddy/admin.sock",
 	} {
 		if _, err := runCLI(t, "stats", "--admin", arg); err == nil || !strings.Contains(err.Error(), mention) {
 			t.Errorf("stats --admin %q: %v, want an error mentioning %q", arg, err, mention)

@@ -37,9 +37,42 @@ func strictDecode(data []byte, v any) error {
 func namedError(data []byte, t reflect.Type, err error) error {
 	path, leaf := blame(data, t)
 	if path == "" || leaf == nil {
-		return err
+		return inWords(err)
 	}
-	return fmt.Errorf("%s: %w", path, leaf)
+	return fmt.Errorf("%s: %w", path, inWords(leaf))
+}
+
+// inWords says a value of the wrong JSON type in the operator's words:
+// Go's ("cannot unmarshal string into Go value of type
+// []*modules.Upstream") are not. Other errors pass as they are.
+func inWords(err error) error {
+	if wrongType, ok := err.(*json.UnmarshalTypeError); ok && wrongType.Type != nil {
+		return fmt.Errorf("want %s, got a JSON %s", jsonKind(wrongType.Type), wrongType.Value)
+	}
+	return err
+}
+
+// jsonKind names the JSON value a Go type decodes from.
+func jsonKind(t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Slice, reflect.Array:
+		return "a list"
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "a whole number"
+	}
+	return "a " + t.String()
 }
 
 var unmarshalerType = reflect.TypeFor[json.Unmarshaler]()

@@ -255,15 +255,23 @@ func TestAllowCertificatesWithoutTLSWarnsOnce(t *testing.T) {
 	servers := map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(backend.Addr),
 		"accept_proxy_protocol": map[string]any{"allow_certificates": []string{"outer.chain.test"}}})}
 	loadLoggingTo(t, file, servers, nil)
+	warnsOnce(t, file, addr, nil, "accept_proxy_protocol.allow_certificates trusts nobody here: no tls handler terminated TLS before chain, so no peer has a verified certificate; put caddy-l4's tls handler with client_auth before chain in the route")
+}
+
+// warnsOnce serves two connections through the hop at addr, each sending
+// first (if any) and then having a line echoed, and checks that file got
+// the warning msg exactly once.
+func warnsOnce(t *testing.T, file, addr string, first []byte, msg string) {
+	t.Helper()
 	for i := 0; i < 2; i++ {
 		c := chaintest.Dial(t, addr)
-		roundTrip(t, c, "direct client")
+		c.Write(first)
+		roundTrip(t, c, "served all the same")
 		c.Close()
 	}
 	waitEmpty(t)
-	const msg = "accept_proxy_protocol.allow_certificates trusts nobody here: no tls handler terminated TLS before chain, so no peer has a verified certificate; put caddy-l4's tls handler with client_auth before chain in the route"
 	if lines := waitLogLines(t, file, msg, 1); len(lines) != 1 {
-		t.Fatalf("%d warnings about allow_certificates without TLS, want exactly 1", len(lines))
+		t.Fatalf("%d warnings %q, want exactly 1", len(lines), msg)
 	}
 }
 
@@ -580,15 +588,5 @@ func TestCaddyL4ProxyProtocolHandlerBeforeChainWarnsOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := 0; i < 2; i++ {
-		c := chaintest.Dial(t, addr)
-		c.Write(header)
-		roundTrip(t, c, "behind caddy-l4's handler")
-		c.Close()
-	}
-	waitEmpty(t)
-	const msg = "caddy-l4's proxy_protocol handler read the PROXY header before chain: the chain ID and hop count it carried are lost (trace cannot join this hop to the previous one, loops go uncounted), and with go-proxyproto v0.15 that handler does not enforce its allow list; remove it from the route and set chain's accept_proxy_protocol instead"
-	if lines := waitLogLines(t, file, msg, 1); len(lines) != 1 {
-		t.Fatalf("%d warnings about caddy-l4's proxy_protocol handler, want exactly 1", len(lines))
-	}
+	warnsOnce(t, file, addr, header, "caddy-l4's proxy_protocol handler read the PROXY header before chain: the chain ID and hop count it carried are lost (trace cannot join this hop to the previous one, loops go uncounted), and with go-proxyproto v0.15 that handler does not enforce its allow list; remove it from the route and set chain's accept_proxy_protocol instead")
 }

@@ -276,8 +276,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	established = true
 	cancel()
 	s := &session{r: r, client: client, upConn: upConn, up: up} // dial set r's upstream
-	clientTCP := tcpOf(client, meta.Socket)
-	r.setSockets(clientTCP, tcpOf(upConn, nil))
+	r.setSockets(sock, tcpOf(upConn, nil))
 	r.setInterrupt(func() {
 		r.markShut(shutClient | shutUpstream)
 		_ = client.Close()
@@ -294,7 +293,7 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 	r.established.Store(now.UnixNano())
 	r.touch(now)
 	r.setState(StateEstablished)
-	s.pipe = newPipe(r, client, clientTCP, upConn, p.Timeouts, sc)
+	s.pipe = newPipe(r, client, sock, upConn, p.Timeouts, sc)
 	s.pipe.parkAfter = p.parkAfter
 	s.pipe.up.sniff = len(pending) == 0 && sc == nil && p.sniffsHeader()
 	return s, ReasonNone

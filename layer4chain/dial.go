@@ -166,8 +166,8 @@ var errNoHealthyUpstream = errors.New("every upstream is unhealthy, open or full
 // If ctx ends it stops at once, returning a *DialError wrapping ctx.Err()
 // whose Reason is connect_failed for cancellation (connect_timeout if the
 // context's own deadline passed); such an attempt is not held against the
-// upstream, nor reported to OnFailure. An empty order is a connect_failed DialError. Dial never
-// panics.
+// upstream, nor reported to OnFailure or OnAttempt. An empty order is a
+// connect_failed DialError. Dial never panics.
 func (d *Dialer) Dial(ctx context.Context, order []*Upstream) (net.Conn, *Upstream, error) {
 	return d.dial(ctx, order, nil, nil)
 }

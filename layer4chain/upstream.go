@@ -344,9 +344,10 @@ func (u *Upstream) reserve(limit int64) bool {
 }
 
 // succeeded records a connected dial, which closes an open or half-open
-// circuit: the trial did, or a connection of a handler without a breaker
-// (one the circuit does not hold back, after a reload that dropped
-// fail_duration, say) reached the upstream; either way it answers.
+// circuit: the trial did, or another connection reached the upstream (one
+// of a handler without a breaker, which the circuit does not hold back,
+// after a reload that dropped fail_duration, say, or one that began before
+// the circuit opened); either way it answers.
 func (u *Upstream) succeeded(a attempt) {
 	h := &u.health
 	h.mu.Lock()
@@ -360,7 +361,7 @@ func (u *Upstream) succeeded(a attempt) {
 	h.mu.Unlock()
 	cause := "trial connection succeeded"
 	if !a.trial {
-		cause = "a connection of a handler without fail_duration succeeded"
+		cause = "a connection reached it"
 	}
 	u.notify(from, HealthHealthy, cause)
 }

@@ -207,7 +207,10 @@ func (d *Dialer) dial(ctx context.Context, order []*Upstream, rec *Record, resol
 			u.succeeded(a)
 			if rec != nil {
 				rec.mu.Lock()
-				rec.upstream = addr
+				rec.upstream, rec.template = addr, ""
+				if u.template {
+					rec.template = u.Addr
+				}
 				rec.mu.Unlock()
 			}
 			return c, u, nil

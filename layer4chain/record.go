@@ -51,6 +51,7 @@ type Record struct {
 	sni            string     // the TLS server name the client asked for, if known
 	perClient      netip.Addr // the key counted against max_connections_per_client
 	upstream       string
+	template       string // the config's name of upstream, when it was a template filled for this connection
 	reason         CloseReason
 	interrupt      func() // closes the record's sockets; set by the owner
 	closeRequested bool
@@ -179,20 +180,25 @@ func (r *Record) closedFromOutside() bool {
 
 // RecordInfo is a snapshot of a Record, safe to keep and encode.
 type RecordInfo struct {
-	ID             uint64      `json:"id"`
-	ChainID        string      `json:"chain_id"`
-	Hop            int         `json:"hop"`
-	State          State       `json:"state"`
-	Server         string      `json:"server"`
-	Client         string      `json:"client"`
-	OriginalClient string      `json:"original_client"`
-	Upstream       string      `json:"upstream"`
-	Started        time.Time   `json:"started"`
-	Established    *time.Time  `json:"established,omitempty"`
-	LastActivity   time.Time   `json:"last_activity"`
-	BytesUp        int64       `json:"bytes_up"`
-	BytesDown      int64       `json:"bytes_down"`
-	Reason         CloseReason `json:"close_reason,omitempty"`
+	ID             uint64 `json:"id"`
+	ChainID        string `json:"chain_id"`
+	Hop            int    `json:"hop"`
+	State          State  `json:"state"`
+	Server         string `json:"server"`
+	Client         string `json:"client"`
+	OriginalClient string `json:"original_client"`
+	Upstream       string `json:"upstream"`
+	// UpstreamTemplate is the upstream as the config names it, when that
+	// was a template (an address with placeholders) that this connection
+	// filled to Upstream; "" otherwise. /layer4chain/upstreams and the
+	// metrics know the upstream by this name.
+	UpstreamTemplate string      `json:"upstream_template,omitempty"`
+	Started          time.Time   `json:"started"`
+	Established      *time.Time  `json:"established,omitempty"`
+	LastActivity     time.Time   `json:"last_activity"`
+	BytesUp          int64       `json:"bytes_up"`
+	BytesDown        int64       `json:"bytes_down"`
+	Reason           CloseReason `json:"close_reason,omitempty"`
 	// Detail says more than the reason where there is more to say: the
 	// dial error, or why a PROXY header was rejected.
 	Detail string `json:"close_detail,omitempty"`
@@ -232,7 +238,7 @@ func (r *Record) Info() RecordInfo {
 	if r.originalClient.IsValid() { // unknown until a PROXY header was read
 		info.OriginalClient = r.originalClient.String()
 	}
-	info.Upstream = r.upstream
+	info.Upstream, info.UpstreamTemplate = r.upstream, r.template
 	info.SNI = r.sni
 	info.Reason = r.reason
 	info.Detail = r.detail

@@ -266,7 +266,8 @@ func (q *listQuery) add(key, v string) error {
 // the socket peer or the original client.
 func (q *listQuery) match(info layer4chain.RecordInfo) bool {
 	return (len(q.states) == 0 || slices.Contains(q.states, info.State)) &&
-		(len(q.upstreams) == 0 || slices.Contains(q.upstreams, info.Upstream)) &&
+		(len(q.upstreams) == 0 || slices.Contains(q.upstreams, info.Upstream) ||
+			(info.UpstreamTemplate != "" && slices.Contains(q.upstreams, info.UpstreamTemplate))) &&
 		(len(q.chainIDs) == 0 || slices.Contains(q.chainIDs, info.ChainID)) &&
 		(len(q.clients)+len(q.ports) == 0 || q.clientMatches(info.Client) || q.clientMatches(info.OriginalClient))
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"net/netip"
 	"strings"
 	"syscall"
@@ -476,9 +477,9 @@ func helloReaches(t *testing.T, addr string, backend *chaintest.Backend) net.Con
 
 // An upstream address with a placeholder only the connection knows is
 // filled per connection, as caddy-l4's proxy does: the SNI a tls matcher
-// found picks the host. The record names the address dialed; a connection
-// that leaves the placeholder empty fails its dial (connect_failed) without
-// dialing anything.
+// found picks the host. The record names the address dialed and the
+// template; a connection that leaves the placeholder empty fails its dial
+// (connect_failed) without dialing anything.
 func TestDialPlaceholderIsFilledPerConnection(t *testing.T) {
 	checkLeaks(t)
 	backend := chaintest.NewEchoBackend(t)
@@ -487,17 +488,19 @@ func TestDialPlaceholderIsFilledPerConnection(t *testing.T) {
 	withSNI, without := chaintest.FreeAddr(t), chaintest.FreeAddr(t)
 	sniServer := server(withSNI, map[string]any{"upstreams": upstreams(template)})
 	sniServer["routes"].([]any)[0].(map[string]any)["match"] = []any{map[string]any{"tls": map[string]any{"sni": []string{"localhost"}}}}
-	startCaddy(t, map[string]any{"sni": sniServer, "plain": server(without, map[string]any{"upstreams": upstreams(template)})})
+	admin := startCaddyWithAdmin(t, map[string]any{"sni": sniServer, "plain": server(without, map[string]any{"upstreams": upstreams(template)})}, nil)
 
 	raw := helloReaches(t, withSNI, backend)
-	var rec *layer4chain.Record
-	for _, r := range processTracker().Records() {
-		if r.Server == withSNI {
-			rec = r
+	// The record names the address dialed and the template it filled; a
+	// filter takes either, as /upstreams and the metrics know the template.
+	for _, filter := range []string{"", "?upstream=" + url.QueryEscape(template), "?upstream=localhost:" + port} {
+		list := admin.connections(filter)
+		if len(list) != 1 || list[0].Upstream != "localhost:"+port || list[0].UpstreamTemplate != template {
+			t.Fatalf("connections%s: %+v, want one with upstream localhost:%s from the template %q", filter, list, port, template)
 		}
 	}
-	if want := "localhost:" + port; rec == nil || rec.Info().Upstream != want {
-		t.Fatalf("record %+v, want one whose upstream is the address dialed, %q", rec, want)
+	if list := admin.connections("?upstream=127.0.0.1:" + port); len(list) != 0 {
+		t.Fatalf("a filter on another address matched the template's connection: %+v", list)
 	}
 	raw.Close()
 

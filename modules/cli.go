@@ -439,6 +439,9 @@ func oneConnection(cmd *cobra.Command, arg, method string, out io.Writer) error 
 		{"last_activity", c.LastActivity.Format(time.RFC3339Nano) + " (" + age(c.LastActivity, now) + " ago)"},
 		{"bytes_up", strconv.FormatInt(c.BytesUp, 10)}, {"bytes_down", strconv.FormatInt(c.BytesDown, 10)},
 	}
+	if c.UpstreamTemplate != "" {
+		rows = append(rows, [2]string{"upstream_template", c.UpstreamTemplate})
+	}
 	if c.Established != nil {
 		rows = append(rows, [2]string{"established", c.Established.Format(time.RFC3339Nano)})
 	}

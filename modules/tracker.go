@@ -168,6 +168,9 @@ func (observer) Closed(r *layer4chain.Record) {
 	if info.Upstream != "" {
 		fields = append(fields, zap.String("upstream", info.Upstream))
 	}
+	if info.UpstreamTemplate != "" {
+		fields = append(fields, zap.String("upstream_template", info.UpstreamTemplate))
+	}
 	fields = append(fields,
 		zap.Duration("duration", time.Since(info.Started)),
 		zap.Int64("bytes_up", info.BytesUp),

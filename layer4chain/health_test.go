@@ -426,3 +426,21 @@ func TestASuccessWithoutABreakerClosesTheCircuit(t *testing.T) {
 		t.Fatalf("health %s after a connection succeeded, want healthy", got)
 	}
 }
+
+// A breaker's own dial that began before its circuit opened and then
+// connects does not close it: the cool-down and the one trial decide.
+func TestABreakersEarlierDialDoesNotCloseTheCircuit(t *testing.T) {
+	u := NewUpstream(chaintest.NewEchoBackend(t).Addr)
+	events := watch(u)
+	passive := &PassiveHealth{FailDuration: time.Hour, MaxFails: 1}
+	early := u.begin(passive, 0)
+	if !u.failed(u.begin(passive, 0), passive, errors.New("connection refused")) {
+		t.Fatal("the failure did not open the circuit")
+	}
+	events.next(t, HealthHealthy, HealthOpen)
+	u.succeeded(early)
+	if got := u.Health(); got != HealthOpen {
+		t.Fatalf("health %s after a dial begun before the circuit opened connected, want open until the trial", got)
+	}
+	u.Release()
+}

@@ -229,8 +229,9 @@ func (u *Upstream) Info() UpstreamInfo {
 // ok holds a place in u's active connections, which succeeded keeps for the
 // connection and failed or abandoned give back.
 type attempt struct {
-	ok    bool
-	trial bool
+	ok      bool
+	trial   bool
+	breaker bool // the handler dialing has a circuit breaker (fail_duration)
 }
 
 // selectable says, without reserving anything, whether begin would let a
@@ -300,7 +301,7 @@ func (u *Upstream) begin(p *PassiveHealth, maxConns int) attempt {
 		h.mu.Unlock()
 		return attempt{}
 	}
-	var a attempt
+	a := attempt{breaker: p.on()}
 	var from Health
 	switch {
 	case !p.on(), h.circuit == "", h.circuit == HealthHealthy:
@@ -308,11 +309,11 @@ func (u *Upstream) begin(p *PassiveHealth, maxConns int) attempt {
 	case h.circuit == HealthOpen:
 		if time.Now().UnixNano() >= h.openedAt+int64(min(h.coolDown, p.FailDuration)) {
 			h.circuit, h.trial, from = HealthHalfOpen, true, HealthOpen
-			a = attempt{ok: true, trial: true}
+			a.ok, a.trial = true, true
 		}
 	case h.circuit == HealthHalfOpen && !h.trial:
 		h.trial = true
-		a = attempt{ok: true, trial: true}
+		a.ok, a.trial = true, true
 	}
 	if a.ok && !u.reserve(connLimit(p, maxConns)) {
 		h.trial = h.trial && !a.trial
@@ -343,17 +344,18 @@ func (u *Upstream) reserve(limit int64) bool {
 	}
 }
 
-// succeeded records a connected dial, which closes an open or half-open
-// circuit: the trial did, or another connection reached the upstream (one
-// of a handler without a breaker, which the circuit does not hold back,
-// after a reload that dropped fail_duration, say, or one that began before
-// the circuit opened); either way it answers.
+// succeeded records a connected dial. The trial closes the circuit, and so
+// does a connection of a handler without a breaker (which the circuit does
+// not hold back: after a reload that dropped fail_duration, say), which
+// would otherwise leave it open, or half-open with no trial to come, while
+// the upstream serves. A breaker's other dials, begun before the circuit
+// opened, leave it to the cool-down and the trial.
 func (u *Upstream) succeeded(a attempt) {
 	h := &u.health
 	h.mu.Lock()
 	h.consecutive = 0
 	from := h.circuit
-	if from != HealthOpen && from != HealthHalfOpen {
+	if (from != HealthOpen && from != HealthHalfOpen) || (a.breaker && !a.trial) {
 		h.mu.Unlock()
 		return
 	}
@@ -361,7 +363,7 @@ func (u *Upstream) succeeded(a attempt) {
 	h.mu.Unlock()
 	cause := "trial connection succeeded"
 	if !a.trial {
-		cause = "a connection reached it"
+		cause = "a connection of a handler without fail_duration succeeded"
 	}
 	u.notify(from, HealthHealthy, cause)
 }

@@ -461,9 +461,19 @@ func validateHostPort(addr string) error {
 	}
 	host, port, err := net.SplitHostPort(addr)
 	if err != nil {
-		if i := strings.LastIndexByte(addr, ':'); i > 0 && strings.Count(addr, ":") > 1 && !strings.HasPrefix(addr, "[") {
-			// An IPv6 address without brackets.
-			return fmt.Errorf("upstream address %q is not host:port: an IPv6 host goes in brackets, as in [%s]:%s", addr, addr[:i], addr[i+1:])
+		// An IPv6 address without brackets: with a port after it, or
+		// without one (::1:9 is both).
+		var forms []string
+		if i := strings.LastIndexByte(addr, ':'); i > 0 {
+			if ip, perr := netip.ParseAddr(addr[:i]); perr == nil && ip.Is6() {
+				forms = append(forms, "["+addr[:i]+"]:"+addr[i+1:])
+			}
+		}
+		if ip, perr := netip.ParseAddr(addr); perr == nil && ip.Is6() {
+			forms = append(forms, "["+addr+"]:PORT")
+		}
+		if len(forms) > 0 {
+			return fmt.Errorf("upstream address %q is not host:port: an IPv6 host goes in brackets, with the port after them: %s", addr, strings.Join(forms, " or "))
 		}
 		return fmt.Errorf("upstream address %q is not host:port: %w", addr, err)
 	}

@@ -250,14 +250,15 @@ func TestHealthAndRetryOptionsAdapt(t *testing.T) {
 	}
 }
 
-// TestCloseIfUnhealthyIsAnActiveCheckOption: as in caddy-l4,
-// close_if_unhealthy switches active checks on, alone too; with the
-// circuit breaker on, its transitions close as well.
-func TestCloseIfUnhealthyIsAnActiveCheckOption(t *testing.T) {
+// TestCloseIfUnhealthyFollowsTheChecksThatAreOn: close_if_unhealthy
+// applies to the checks that are on; with only the circuit breaker on it
+// does not switch active checks on (an active object is what switches
+// them on), and alone it does, as caddy-l4's does.
+func TestCloseIfUnhealthyFollowsTheChecksThatAreOn(t *testing.T) {
 	for _, tc := range []struct{ options, want string }{
 		{"close_if_unhealthy", `"health_checks":{"active":{"close_if_unhealthy":true}}`},
 		{"fail_duration 10s\n\t\t\t\t\tclose_if_unhealthy",
-			`"health_checks":{"active":{"close_if_unhealthy":true},"passive":{"close_if_unhealthy":true,"fail_duration":10000000000}}`},
+			`"health_checks":{"passive":{"close_if_unhealthy":true,"fail_duration":10000000000}}`},
 		{"close_if_unhealthy\n\t\t\t\t\thealth_interval 5s",
 			`"health_checks":{"active":{"close_if_unhealthy":true,"interval":5000000000}}`},
 		// unhealthy_connection_count alone opens no circuit: only the

@@ -81,7 +81,8 @@ func init() {
 // hex ("0x20", "0xE5") or decimal. The option names are caddy-l4
 // proxy's. `close_if_unhealthy` applies to every kind of health check that
 // is on: active checks (health_checks.active.close_if_unhealthy) and the
-// circuit breaker (health_checks.passive.close_if_unhealthy). `off` adapts
+// circuit breaker (health_checks.passive.close_if_unhealthy); alone, it
+// switches active checks on, as caddy-l4's does. `off` adapts
 // to -1, which switches the limit off. Unknown and duplicate options are
 // errors with the line, and so are the options of caddy-l4's proxy that
 // chain does not have: each error says what to use instead.
@@ -120,8 +121,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"health_timeout":             marking(chaincaddyfile.NotOff(whyHealthTimeoutOn, chaincaddyfile.Duration(&active.Timeout))),
 		"health_fall":                marking(chaincaddyfile.Int(&active.Fall)),
 		"health_rise":                marking(chaincaddyfile.Int(&active.Rise)),
-		// As in caddy-l4, an active check option: it switches them on.
-		"close_if_unhealthy":         marking(chaincaddyfile.Flag(&closeIfUnhealth)),
+		"close_if_unhealthy":         chaincaddyfile.Flag(&closeIfUnhealth),
 		"max_hops":                   chaincaddyfile.NotOff(whyMaxHopsOn, chaincaddyfile.Int(&h.MaxHops)),
 		"max_connections":            chaincaddyfile.IntOrOff(&h.MaxConnections),
 		"max_connections_per_client": chaincaddyfile.IntOrOff(&h.MaxConnectionsPerClient),
@@ -168,9 +168,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 
 	if closeIfUnhealth {
-		// Beyond caddy-l4: the circuit breaker's transitions close too.
-		passive.CloseIfUnhealthy = passive.FailDuration > 0
-		active.CloseIfUnhealthy = true
+		// It applies to the checks that are on; alone, it switches active
+		// checks on, as caddy-l4's does. Beyond caddy-l4, the circuit
+		// breaker's transitions close too.
+		breakerOn := passive.FailDuration > 0
+		activeOn = activeOn || !breakerOn
+		passive.CloseIfUnhealthy = breakerOn
+		active.CloseIfUnhealthy = activeOn
 	}
 	if passive != (PassiveHealthChecks{}) || activeOn {
 		h.HealthChecks = new(HealthChecks)

@@ -68,9 +68,13 @@ func cliCommands(root *cobra.Command) {
 	// "unknown flag: --admin".
 	root.Args = cobra.ArbitraryArgs
 	root.DisableFlagParsing = true
+	// Known here only so that cobra, looking for the subcommand, takes
+	// `--json list` for a flag and a subcommand, not a flag and its value.
+	root.PersistentFlags().Bool("json", false, "")
+	_ = root.PersistentFlags().MarkHidden("json")
 	root.RunE = func(cmd *cobra.Command, args []string) error {
 		switch {
-		case len(args) == 0 || slices.Contains(args, "-h") || slices.Contains(args, "--help"):
+		case len(args) == 0 || args[0] == "help" || slices.Contains(args, "-h") || slices.Contains(args, "--help"):
 			return cmd.Help()
 		case strings.HasPrefix(args[0], "-"):
 			return fmt.Errorf("no subcommand in %q: want list, show, kill, stats, upstreams or trace", strings.Join(args, " "))
@@ -583,13 +587,13 @@ func runTrace(cmd *cobra.Command, args []string, out io.Writer) error {
 	// The hops found are printed even when an admin API did not answer
 	// (then the command still fails): in an incident, they are the lead.
 	tr, err := TraceChain(args[0], admins)
-	if len(tr.Hops) == 0 {
-		return err
-	}
 	if asJSON(cmd) {
 		if perr := printJSON(out, tr); perr != nil {
 			return perr
 		}
+		return err
+	}
+	if len(tr.Hops) == 0 {
 		return err
 	}
 	now := time.Now()
@@ -674,10 +678,16 @@ func TraceChain(chainID string, admins []string) (ChainTrace, error) {
 		}
 	}
 	if len(tr.Hops) == 0 {
-		if len(errs) > 0 {
+		var answered []string
+		for i, a := range answers {
+			if a.err == nil {
+				answered = append(answered, admins[i])
+			}
+		}
+		if len(answered) == 0 {
 			return tr, errors.Join(errs...)
 		}
-		return tr, fmt.Errorf("%w: %s (asked %s)", ErrChainNotFound, chainID, strings.Join(admins, ", "))
+		return tr, errors.Join(append([]error{fmt.Errorf("%w: %s (asked %s)", ErrChainNotFound, chainID, strings.Join(answered, ", "))}, errs...)...)
 	}
 	// Stable: hops with one number (a chain through one process twice)
 	// keep the order of the admin addresses given.

@@ -272,6 +272,14 @@ func TestCLITraceFailsWhenNoHopHasTheChainOrAnAdminIsUnreachable(t *testing.T) {
 	if err == nil || json.Unmarshal([]byte(out), &tr) != nil || len(tr.Hops) != 1 || len(tr.Unreachable) != 1 || tr.Unreachable[0].Admin != dead {
 		t.Fatalf("trace --json with an unreachable admin API (%v):\n%s", err, out)
 	}
+	// Found nowhere that answered: the error says so besides naming the
+	// unreachable one, and --json still prints, for scripts.
+	out, err = runCLI(t, "trace", "unknown", "--json", "--admin", admin.addr, "--admin", dead)
+	tr = ChainTrace{}
+	if !errors.Is(err, ErrChainNotFound) || !strings.Contains(err.Error(), "admin API "+dead) ||
+		json.Unmarshal([]byte(out), &tr) != nil || len(tr.Hops) != 0 || len(tr.Unreachable) != 1 {
+		t.Fatalf("trace --json of a chain found nowhere, one admin API unreachable (%v):\n%s", err, out)
+	}
 	for _, args := range [][]string{{"list"}, {"show", "1"}, {"kill", "1"}, {"stats"}, {"upstreams"}} {
 		if _, err := runCLI(t, append(args, "--admin", dead)...); err == nil || !strings.Contains(err.Error(), dead) {
 			t.Errorf("%v against an unreachable admin API: %v, want an error naming %s", args, err, dead)
@@ -505,8 +513,17 @@ func TestCLIUnknownSubcommandFails(t *testing.T) {
 	if _, err := runCLI(t, "--bogus"); err == nil || !strings.Contains(err.Error(), `no subcommand in "--bogus"`) {
 		t.Errorf("a flag and no subcommand: %v", err)
 	}
-	if out, err := runCLI(t, "--help"); err != nil || !strings.Contains(out, "trace") {
-		t.Errorf("--help: %v\n%s", err, out)
+	for _, help := range []string{"--help", "-h", "help"} {
+		if out, err := runCLI(t, help); err != nil || !strings.Contains(out, "trace") {
+			t.Errorf("%s: %v\n%s", help, err, out)
+		}
+	}
+	// Flags may come before the subcommand, --json included.
+	admin := startFakeAdmin(t, nil)
+	for _, args := range [][]string{{"--json", "stats", "--admin", admin.addr}, {"--admin", admin.addr, "--json", "stats"}} {
+		if out, err := runCLI(t, args...); err != nil || !strings.HasPrefix(out, "{") {
+			t.Errorf("%v: %v\n%s", args, err, out)
+		}
 	}
 }
 

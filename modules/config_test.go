@@ -132,6 +132,8 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 			`accept_proxy_protocol.timeout: time: unknown unit`},
 		{"number as a string", map[string]any{"upstreams": ok, "max_hops": "8"}, "max_hops: want a whole number, got a JSON string"},
 		{"upstreams as one string", map[string]any{"upstreams": "127.0.0.1:9"}, "upstreams: want a list, got a JSON string"},
+		{"duration of the wrong type", map[string]any{"upstreams": ok, "connect_timeout": true}, `connect_timeout: want a duration such as "5s", got a JSON bool`},
+		{"number out of range", map[string]any{"upstreams": ok, "max_hops": 1e30}, "max_hops: want a whole number that fits, got number 1e+30"},
 		{"IPv6 without brackets", map[string]any{"upstreams": []any{"::1:9"}}, `upstreams[0].dial: upstream address "::1:9" is not host:port: an IPv6 host goes in brackets, with the port after them: [::1]:9 or [::1:9]:PORT`},
 		{"IPv6 without brackets or port", map[string]any{"upstreams": []any{"2001:db8::1"}}, `upstreams[0].dial: upstream address "2001:db8::1" is not host:port: an IPv6 host goes in brackets, with the port after them: [2001:db8::1]:PORT`},
 		{"bad value in a list", map[string]any{"upstreams": ok, "forward_tlvs": []any{32, "x"}}, "forward_tlvs[1]: want a whole number, got a JSON string"},

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // strictDecode decodes one JSON value into v as Caddy decodes module
@@ -47,15 +49,32 @@ func namedError(data []byte, t reflect.Type, err error) error {
 // []*modules.Upstream") are not. Other errors pass as they are.
 func inWords(err error) error {
 	if wrongType, ok := err.(*json.UnmarshalTypeError); ok && wrongType.Type != nil {
-		return fmt.Errorf("want %s, got a JSON %s", jsonKind(wrongType.Type), wrongType.Value)
+		return inWordsFor(wrongType.Type, err)
 	}
 	return err
+}
+
+// inWordsFor is inWords for a value decoded into a field of type t, which
+// names what it takes better than the type the decoder failed on (a
+// caddy.Duration fails as an int64).
+func inWordsFor(t reflect.Type, err error) error {
+	wrongType, ok := err.(*json.UnmarshalTypeError)
+	if !ok {
+		return err
+	}
+	if strings.HasPrefix(wrongType.Value, "number") {
+		return fmt.Errorf("want %s that fits, got %s", jsonKind(t), wrongType.Value)
+	}
+	return fmt.Errorf("want %s, got a JSON %s", jsonKind(t), wrongType.Value)
 }
 
 // jsonKind names the JSON value a Go type decodes from.
 func jsonKind(t reflect.Type) string {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
+	}
+	if t == reflect.TypeFor[caddy.Duration]() {
+		return `a duration such as "5s"`
 	}
 	switch t.Kind() {
 	case reflect.Slice, reflect.Array:
@@ -85,7 +104,7 @@ func blame(data []byte, t reflect.Type) (string, error) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
-	leaf := func() (string, error) { return "", decodeAs(data, t) }
+	leaf := func() (string, error) { return "", inWordsFor(t, decodeAs(data, t)) }
 	if reflect.PointerTo(t).Implements(unmarshalerType) || bytes.Equal(bytes.TrimSpace(data), []byte("null")) {
 		return leaf()
 	}

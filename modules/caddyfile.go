@@ -127,7 +127,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"max_connections_per_client": chaincaddyfile.IntOrOff(&h.MaxConnectionsPerClient),
 		"accept_proxy_protocol": func(d *caddyfile.Dispenser) error {
 			if d.CountRemainingArgs() > 0 {
-				return d.Errf("option 'accept_proxy_protocol' takes a block, not arguments: accept_proxy_protocol { allow %s }", strings.Join(d.RemainingArgs(), " "))
+				if args := d.RemainingArgs(); len(args) != 1 || args[0] != "off" {
+					return d.Errf("option 'accept_proxy_protocol' takes a block, not arguments: put the trusted peers on its allow line, as in accept_proxy_protocol { allow %s }", strings.Join(args, " "))
+				}
+				return d.Errf("option 'accept_proxy_protocol' has no off: leave it out, and the hop reads no header")
 			}
 			app := new(AcceptProxyProtocol)
 			h.AcceptProxyProtocol = app

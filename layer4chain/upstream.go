@@ -168,6 +168,7 @@ type health struct {
 	lastErr     string
 	lastErrAt   int64
 	activeDown  int // how many handlers' active checks hold it unhealthy
+	breakers    int // how many running handlers' circuit breakers watch it (UseBreaker)
 }
 
 // UpstreamInfo is a snapshot of an upstream, for the admin API.
@@ -432,6 +433,34 @@ func (u *Upstream) failed(a attempt, p *PassiveHealth, err error) (opened bool) 
 	// log agree while no traffic arrives.
 	time.AfterFunc(p.FailDuration, func() { u.coolDownOver(ns) })
 	return true
+}
+
+// UseBreaker counts one more running handler whose circuit breaker
+// watches u, until the returned function is called. When the last one
+// stops (a reload dropped fail_duration), a circuit left open or half-open
+// closes: no handler would run its trial, and handlers without a breaker
+// are not held back by it, so it would only report u down while it serves.
+func (u *Upstream) UseBreaker() (release func()) {
+	h := &u.health
+	h.mu.Lock()
+	h.breakers++
+	h.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			h.mu.Lock()
+			h.breakers--
+			if h.breakers > 0 || (h.circuit != HealthOpen && h.circuit != HealthHalfOpen) {
+				h.mu.Unlock()
+				return
+			}
+			before := h.state()
+			h.circuit, h.trial, h.failures = HealthHealthy, false, h.failures[:0]
+			after := h.state()
+			h.mu.Unlock()
+			u.notify(before, after, "no running handler with fail_duration dials it")
+		})
+	}
 }
 
 // coolDownOver moves a circuit still open since openedAt to half_open.

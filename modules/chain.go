@@ -478,8 +478,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
-// healthRuntime returns what starts this handler's active checks and its
-// close_if_unhealthy watchers, and what stops them.
+// healthRuntime returns what starts this handler's active checks, its
+// close_if_unhealthy watchers and its hold on its upstreams' circuits, and
+// what stops them.
 func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer4chain.Upstream, sendsProxy bool) func() (stop func()) {
 	hc := h.HealthChecks
 	if hc == nil {
@@ -493,6 +494,11 @@ func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer
 				stops = append(stops, u.OnHealth(on, func() {
 					tracker.CloseUpstream(u.Addr, scope, layer4chain.ReasonUpstreamUnhealthy)
 				}))
+			}
+		}
+		if hc.Passive != nil && resolveDuration(hc.Passive.FailDuration, 0) > 0 {
+			for _, u := range upstreams {
+				stops = append(stops, u.UseBreaker())
 			}
 		}
 		if hc.Passive != nil && hc.Passive.CloseIfUnhealthy {

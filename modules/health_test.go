@@ -487,3 +487,32 @@ func waitUpstreamHealth(t *testing.T, addr string, h layer4chain.Health) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestReloadWithoutTheBreakerClosesItsCircuit: a reload to a config that
+// no longer has fail_duration leaves no handler to run the open circuit's
+// trial; without a connection it would stay open (upstream_healthy 0,
+// alerts firing) for an upstream nothing holds back. It closes with the
+// old config.
+func TestReloadWithoutTheBreakerClosesItsCircuit(t *testing.T) {
+	checkLeaks(t)
+	live := chaintest.NewEchoBackend(t)
+	dead := chaintest.RefusedAddr(t)
+	addr := chaintest.FreeAddr(t)
+	admin := startCaddyWithAdmin(t, breakerServers(addr, "1h", dead, live.Addr), nil)
+	adminAddr := strings.TrimPrefix(admin.base, "http://")
+	c := chaintest.Dial(t, addr)
+	roundTrip(t, c, "failed over to the live upstream")
+	c.Close()
+	if h := upstreamInfo(t, admin.upstreams(), dead).Health; h != layer4chain.HealthOpen {
+		t.Fatalf("dead upstream after a refused dial: %s, want open", h)
+	}
+
+	noBreaker := map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(dead, live.Addr), "idle_timeout": "1h"})}
+	admin.load(caddyConfigWith(noBreaker, adminAddr, nil))
+	if h := upstreamInfo(t, admin.upstreams(), dead).Health; h != layer4chain.HealthHealthy {
+		t.Fatalf("upstream after a reload that dropped fail_duration: %s, want healthy", h)
+	}
+	if got := admin.metric(`caddy_layer4chain_upstream_healthy{upstream="` + dead + `"}`); got != 1 {
+		t.Fatalf("upstream_healthy %v after the breaker left, want 1", got)
+	}
+}

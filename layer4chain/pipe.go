@@ -188,14 +188,17 @@ func (p *pipe) fail(reason CloseReason, reset bool) {
 	p.closing.Store(true)
 	defer p.settleParked()
 	p.closeOnce.Do(func() {
+		p.r.markShut(shutClient | shutUpstream)
 		if reset {
 			for _, tc := range []tcpSocket{p.clientTCP, p.upstreamTCP} {
 				if tc != nil {
 					_ = tc.SetLinger(0)
+					// The socket itself first: a TLS wrapper's Close sends
+					// close_notify, a clean end, ahead of the reset.
+					_ = tc.Close()
 				}
 			}
 		}
-		p.r.markShut(shutClient | shutUpstream)
 		_ = p.client.Close()
 		_ = p.upstream.Close()
 	})

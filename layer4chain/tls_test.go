@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -378,4 +379,68 @@ func TestPeerTrustedByCertificateNameWhateverItsAddress(t *testing.T) {
 		}
 	default:
 	}
+}
+
+// A reset passes through a TLS leg as a reset: the hop resets the socket
+// under the session instead of closing the session (close_notify), which
+// the peer would read as a clean end of a stream that was cut.
+func TestAResetCrossesATLSLegAsAReset(t *testing.T) {
+	ca := chaintest.NewCA(t, "test CA")
+	isReset := func(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
+
+	t.Run("upstream resets, the TLS client sees it", func(t *testing.T) {
+		resetter := chaintest.NewBackend(t, func(c *net.TCPConn) {
+			io.ReadFull(c, make([]byte, 4))
+			c.SetLinger(0)
+			c.Close()
+		})
+		p := &Proxy{Balancer: balancerFor(t, resetter.Addr)}
+		h := startTLSHop(t, p, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "hop", "hop.test")}})
+		c, err := tls.Dial("tcp", h.Addr, &tls.Config{RootCAs: ca.Pool, ServerName: "hop.test"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte("ping"))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); !isReset(err) {
+			t.Fatalf("the TLS client read %v after its upstream reset, want a reset", err)
+		}
+		if r := h.reason(t); r != ReasonUpstreamReset {
+			t.Fatalf("reason %s", r)
+		}
+	})
+
+	t.Run("client resets, the TLS upstream sees it", func(t *testing.T) {
+		got, flowing := make(chan error, 1), make(chan struct{})
+		backend := tlsBackend(t, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "up", "up.test")}}, func(c *tls.Conn) {
+			io.ReadFull(c, make([]byte, 4))
+			close(flowing) // the client's bytes came through the pipe
+			_, err := c.Read(make([]byte, 1))
+			got <- err
+		})
+		p := &Proxy{Balancer: balancerFor(t, backend), Dialer: &Dialer{ConnectTimeout: 2 * time.Second,
+			TLS: func(*Upstream) *tls.Config { return &tls.Config{RootCAs: ca.Pool, ServerName: "up.test"} }}}
+		h := startHop(t, p, nil)
+		c := chaintest.Dial(t, h.Addr)
+		c.Write([]byte("ping"))
+		select {
+		case <-flowing:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the client's bytes never reached the TLS upstream")
+		}
+		c.SetLinger(0)
+		c.Close()
+		select {
+		case err := <-got:
+			if !isReset(err) {
+				t.Fatalf("the TLS upstream read %v after the client reset, want a reset", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("the TLS upstream saw nothing of the client's reset")
+		}
+		if r := h.reason(t); r != ReasonClientReset {
+			t.Fatalf("reason %s", r)
+		}
+	})
 }

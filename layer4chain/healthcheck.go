@@ -2,6 +2,7 @@ package layer4chain
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"strconv"
@@ -36,6 +37,11 @@ type ActiveHealth struct {
 	// next hop that requires a header: it accepts the probe as a check
 	// instead of rejecting it as missing.
 	SendProxyHeader bool
+	// TLS, if set, returns the TLS config an upstream is dialed with (nil
+	// for plain TCP), as Dialer.TLS does: a probe of such an upstream
+	// completes a handshake, and sends its LOCAL header inside the
+	// session, where the next hop reads headers.
+	TLS func(*Upstream) *tls.Config
 }
 
 // localHeader is the PROXY v2 LOCAL header a probe sends.
@@ -135,8 +141,8 @@ func (c *checker) probeAll(ctx context.Context) {
 	}
 }
 
-// probe connects to u (on Port, if set), sends the LOCAL header if asked
-// to, and closes.
+// probe connects to u (on Port, if set), completes a TLS handshake if u is
+// dialed over TLS, sends the LOCAL header if asked to, and closes.
 func (c *checker) probe(ctx context.Context, u *Upstream) error {
 	timeout := c.cfg.Timeout
 	if timeout <= 0 {
@@ -153,13 +159,22 @@ func (c *checker) probe(ctx context.Context, u *Upstream) error {
 		addr = net.JoinHostPort(host, strconv.Itoa(c.cfg.Port))
 	}
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, u.network(), addr)
+	nc, err := d.DialContext(ctx, u.network(), addr)
 	if err != nil {
 		return err
 	}
+	conn := nc
+	deadline, _ := ctx.Deadline()
+	if c.cfg.TLS != nil {
+		if cfg := c.cfg.TLS(u); cfg != nil {
+			// clientHandshake closes the socket when it fails.
+			if conn, err = clientHandshake(ctx, nc.(*net.TCPConn), cfg, deadline); err != nil {
+				return err
+			}
+		}
+	}
 	defer conn.Close()
 	if c.cfg.SendProxyHeader {
-		deadline, _ := ctx.Deadline()
 		_ = conn.SetWriteDeadline(deadline)
 		if _, err := conn.Write(localHeader); err != nil {
 			return fmt.Errorf("sending the PROXY LOCAL header: %w", err)

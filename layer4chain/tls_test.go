@@ -444,3 +444,35 @@ func TestAResetCrossesATLSLegAsAReset(t *testing.T) {
 		}
 	})
 }
+
+// An active probe of an upstream dialed over TLS completes the handshake
+// and sends its LOCAL header inside the session, where the next hop reads
+// headers: in clear, it would reach a TLS port as a broken handshake.
+func TestActiveProbeOfATLSUpstreamSpeaksTLS(t *testing.T) {
+	checkEngineLeaks(t)
+	ca := chaintest.NewCA(t, "test CA")
+	headers := make(chan *ProxyInfo, 4)
+	backend := tlsBackend(t, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "inner", "inner.test")}}, func(c *tls.Conn) {
+		acc := &ProxyAcceptor{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
+		info, _, err := acc.Accept(c, netip.MustParseAddr("127.0.0.1"))
+		if err != nil {
+			t.Errorf("the probe's header: %v", err)
+		}
+		headers <- info
+	})
+	u := NewUpstream(backend)
+	stop := StartHealthChecks([]*Upstream{u}, ActiveHealth{Interval: time.Hour, Timeout: 2 * time.Second, SendProxyHeader: true,
+		TLS: func(*Upstream) *tls.Config { return &tls.Config{RootCAs: ca.Pool, ServerName: "inner.test"} }})
+	select {
+	case info := <-headers:
+		if info == nil || !info.Local {
+			t.Fatalf("the probe's header inside the session: %+v, want LOCAL", info)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("no probe completed a TLS handshake")
+	}
+	stop() // waits for the probe's verdict
+	if h := u.Health(); h != HealthHealthy {
+		t.Fatalf("health %s after a passing TLS probe", h)
+	}
+}

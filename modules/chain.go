@@ -474,14 +474,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// Checks and close_if_unhealthy act on the running config only: the
 	// app starts them when this config starts, so a config that fails to
 	// load never probes or closes anything.
-	appModule.(*App).onStart(h.healthRuntime(tracker, uniqueUpstreams(upstreams), p.EmitVersion != 0))
+	appModule.(*App).onStart(h.healthRuntime(tracker, uniqueUpstreams(upstreams), p.EmitVersion != 0, upstreamTLS))
 	return nil
 }
 
 // healthRuntime returns what starts this handler's active checks, its
 // close_if_unhealthy watchers and its hold on its upstreams' circuits, and
 // what stops them.
-func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer4chain.Upstream, sendsProxy bool) func() (stop func()) {
+func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer4chain.Upstream, sendsProxy bool, upstreamTLS func(*layer4chain.Upstream) *tls.Config) func() (stop func()) {
 	hc := h.HealthChecks
 	if hc == nil {
 		return nil
@@ -515,6 +515,7 @@ func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer
 				Fall:            resolveLimit(a.Fall, defaultHealthFall),
 				Rise:            resolveLimit(a.Rise, defaultHealthRise),
 				SendProxyHeader: sendsProxy,
+				TLS:             upstreamTLS,
 			}))
 		}
 		return func() {

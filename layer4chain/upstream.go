@@ -168,7 +168,7 @@ type health struct {
 	lastErr     string
 	lastErrAt   int64
 	activeDown  int // how many handlers' active checks hold it unhealthy
-	breakers    int // how many running handlers' circuit breakers watch it (UseBreaker)
+	breakers    int // how many started handlers' circuit breakers watch it (UseBreaker)
 }
 
 // UpstreamInfo is a snapshot of an upstream, for the admin API.
@@ -435,12 +435,12 @@ func (u *Upstream) failed(a attempt, p *PassiveHealth, err error) (opened bool) 
 	return true
 }
 
-// UseBreaker counts one more running handler whose circuit breaker
-// watches u, until the returned function is called. When the last one
+// UseBreaker counts one more handler of a started config whose circuit
+// breaker watches u, until the returned function is called. When the last one
 // stops (a reload dropped fail_duration), a circuit left open or half-open
 // closes: no handler would run its trial, and handlers without a breaker
 // are not held back by it, so it would only report u down while it serves.
-func (u *Upstream) UseBreaker() (release func()) {
+func (u *Upstream) UseBreaker() (stop func()) {
 	h := &u.health
 	h.mu.Lock()
 	h.breakers++
@@ -458,7 +458,7 @@ func (u *Upstream) UseBreaker() (release func()) {
 			h.circuit, h.trial, h.failures = HealthHealthy, false, h.failures[:0]
 			after := h.state()
 			h.mu.Unlock()
-			u.notify(before, after, "no running handler with fail_duration dials it")
+			u.notify(before, after, "no started config with fail_duration dials it")
 		})
 	}
 }

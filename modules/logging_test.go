@@ -502,6 +502,27 @@ func TestConnectionLinesUseTheAdminAPINamesAndLevels(t *testing.T) {
 		}
 	})
 
+	t.Run("loop without a chain ID still names the hop", func(t *testing.T) {
+		// Another proxy's header: a hop count and no unique ID.
+		header, err := layer4chain.ProxyHeader{Version: 2, Source: netip.MustParseAddrPort("127.0.0.9:1234"),
+			Destination: netip.MustParseAddrPort("127.0.0.1:80"), Hops: 9}.AppendTo(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := chaintest.Dial(t, loop)
+		c.Write(header)
+		if got, _, _ := chaintest.ReadUntilClosed(c, 3*time.Second); len(got) != 0 {
+			t.Fatalf("client got %q", got)
+		}
+		c.Close()
+		e := waitEntries(t, file, "connection closed", 1, func(e logEntry) bool {
+			return e.str("server") == loop && e.str("original_client") == "127.0.0.9:1234"
+		})[0]
+		if e.str("close_reason") != "loop_detected" || e.num("hop") != 10 || e.str("chain_id") != "" {
+			t.Fatalf("loop line without a chain ID: %v, want hop 10 and no chain_id", e)
+		}
+	})
+
 	t.Run("the SNI a tls matcher found, at both hops", func(t *testing.T) {
 		raw := chaintest.Dial(t, sniOuter)
 		_ = raw.SetDeadline(time.Now().Add(3 * time.Second))

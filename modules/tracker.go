@@ -159,7 +159,11 @@ func (observer) Closed(r *layer4chain.Record) {
 	fields := make([]zap.Field, 0, 16)
 	fields = append(fields, zap.Uint64("id", info.ID))
 	if info.ChainID != "" {
-		fields = append(fields, zap.String("chain_id", info.ChainID), zap.Int("hop", info.Hop))
+		fields = append(fields, zap.String("chain_id", info.ChainID))
+	}
+	if info.Hop > 0 {
+		// Without a chain ID too: a loop another proxy's header reported.
+		fields = append(fields, zap.Int("hop", info.Hop))
 	}
 	fields = append(fields, zap.String("server", info.Server), zap.String("client", info.Client))
 	if info.OriginalClient != "" {

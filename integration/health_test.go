@@ -205,6 +205,7 @@ func metricValue(text, name string, want map[string]string) (float64, bool) {
 type logEntry struct {
 	Msg         string `json:"msg"`
 	Reason      string `json:"close_reason"`
+	Detail      string `json:"close_detail"`
 	Upstream    string `json:"upstream"`
 	From        string `json:"from"`
 	To          string `json:"to"`
@@ -975,9 +976,13 @@ func TestHealthCloseIfUnhealthyClosesOnlyThatUpstreamsConnections(t *testing.T) 
 			if n := getHealthStats(t, hop.admin).Closed["upstream_unhealthy"]; n != int64(len(held["A"])) {
 				t.Errorf("stats closed.upstream_unhealthy = %d, want %d (A's connections only)", n, len(held["A"]))
 			}
+			why := map[string]string{"active": "active checks marked it unhealthy: ", "passive": "its circuit opened: "}[tc.name]
 			for _, e := range logEntries(hop.proc, "connection closed") {
 				if e.Reason == "upstream_unhealthy" && e.Upstream != a.addr {
 					t.Errorf("a connection to %s was closed as upstream_unhealthy", e.Upstream)
+				}
+				if e.Reason == "upstream_unhealthy" && !strings.HasPrefix(e.Detail, why) {
+					t.Errorf("an upstream_unhealthy close says %q, want why (%q...)", e.Detail, why)
 				}
 			}
 		})

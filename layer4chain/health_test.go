@@ -391,7 +391,8 @@ func TestCloseUpstreamClosesOneScopesConnectionsOnly(t *testing.T) {
 	for _, r := range []*Record{a, b} {
 		r.upstream = "127.0.0.1:9"
 	}
-	if n := tr.CloseUpstream("127.0.0.1:9", "mine", ReasonUpstreamUnhealthy); n != 1 || a.Reason() != ReasonUpstreamUnhealthy || b.Reason() != ReasonNone {
+	if n := tr.CloseUpstream("127.0.0.1:9", "mine", ReasonUpstreamUnhealthy, "circuit opened: refused"); n != 1 || a.Reason() != ReasonUpstreamUnhealthy ||
+		a.Info().Detail != "circuit opened: refused" || b.Reason() != ReasonNone {
 		t.Fatalf("closed %d; reasons %q %q", n, a.Reason(), b.Reason())
 	}
 	tr.Remove(a, ReasonNone)

@@ -157,10 +157,17 @@ func (r *Record) setInterrupt(f func()) {
 // Close asks the connection to end with the given reason (admin, shutdown, a
 // limit enforced by the sweep). It returns at once; the owner notices its
 // sockets closing and removes the record.
-func (r *Record) Close(reason CloseReason) {
+func (r *Record) Close(reason CloseReason) { r.closeWith(reason, "") }
+
+// closeWith is Close with a detail, kept only when this close is the one
+// that sets the reason.
+func (r *Record) closeWith(reason CloseReason, detail string) {
 	r.mu.Lock()
 	if r.reason == ReasonNone {
 		r.reason = reason
+		if detail != "" && r.detail == "" {
+			r.detail = detail
+		}
 	}
 	r.closeRequested = true
 	f := r.interrupt

@@ -303,16 +303,17 @@ func (t *Tracker) DialFailuresByUpstream() map[DialFailureKey]int64 {
 }
 
 // CloseUpstream closes the live connections of the scope (one handler's
-// configuration) proxied to the upstream addr with the given reason, and
-// returns how many it asked to close.
-func (t *Tracker) CloseUpstream(addr, scope string, reason CloseReason) int {
+// configuration) proxied to the upstream addr (as the config names it)
+// with the given reason and detail, and returns how many it asked to
+// close.
+func (t *Tracker) CloseUpstream(addr, scope string, reason CloseReason, detail string) int {
 	n := 0
 	for _, r := range t.Records() {
 		r.mu.Lock()
-		match := r.upstream == addr && r.scope.key == scope
+		match := (r.upstream == addr || r.template == addr) && r.scope.key == scope
 		r.mu.Unlock()
 		if match {
-			r.Close(reason)
+			r.closeWith(reason, detail)
 			n++
 		}
 	}

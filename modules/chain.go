@@ -489,10 +489,10 @@ func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer
 	scope := h.proxy.Scope
 	return func() (stop func()) {
 		var stops []func()
-		watch := func(on layer4chain.Health) {
+		watch := func(on layer4chain.Health, why string) {
 			for _, u := range upstreams {
 				stops = append(stops, u.OnHealth(on, func() {
-					tracker.CloseUpstream(u.Addr, scope, layer4chain.ReasonUpstreamUnhealthy)
+					tracker.CloseUpstream(u.Addr, scope, layer4chain.ReasonUpstreamUnhealthy, why+u.Info().LastError)
 				}))
 			}
 		}
@@ -502,11 +502,11 @@ func (h *Handler) healthRuntime(tracker *layer4chain.Tracker, upstreams []*layer
 			}
 		}
 		if hc.Passive != nil && hc.Passive.CloseIfUnhealthy {
-			watch(layer4chain.HealthOpen)
+			watch(layer4chain.HealthOpen, "its circuit opened: ")
 		}
 		if a := hc.Active; a != nil {
 			if a.CloseIfUnhealthy {
-				watch(layer4chain.HealthUnhealthy)
+				watch(layer4chain.HealthUnhealthy, "active checks marked it unhealthy: ")
 			}
 			stops = append(stops, layer4chain.StartHealthChecks(upstreams, layer4chain.ActiveHealth{
 				Port:            a.Port,

@@ -493,8 +493,19 @@ func (d *direction) readFailed(err error) {
 	}
 	// The error says what the reason cannot: a reset, or a TLS alert such
 	// as a next hop refusing this hop's client certificate.
-	d.p.r.setDetail(err)
+	d.p.r.setDetail(socketError(err))
 	d.p.fail(d.srcReset, true)
+}
+
+// socketError is the system's error under err when there is one ("connection
+// reset by peer"), so a reset reads the same whether it came through a raw
+// read or a TLS session's; err itself otherwise (a TLS alert).
+func socketError(err error) error {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno
+	}
+	return err
 }
 
 func (d *direction) writeFailed(err error) {
@@ -505,7 +516,7 @@ func (d *direction) writeFailed(err error) {
 	case errors.Is(err, net.ErrClosed):
 		d.p.fail(ReasonNone, false)
 	default:
-		d.p.r.setDetail(err)
+		d.p.r.setDetail(socketError(err))
 		d.p.fail(d.dstReset, true)
 	}
 }

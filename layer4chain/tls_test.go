@@ -476,3 +476,26 @@ func TestActiveProbeOfATLSUpstreamSpeaksTLS(t *testing.T) {
 		t.Fatalf("health %s after a passing TLS probe", h)
 	}
 }
+
+// A reset reads the same in the close detail whether it came through a raw
+// read or through a TLS session's.
+func TestAResetThroughTLSHasThePlainDetail(t *testing.T) {
+	ca := chaintest.NewCA(t, "test CA")
+	closed := closedRecords{make(chan RecordInfo, 1)}
+	tr := NewTracker()
+	tr.Observer = closed
+	p := &Proxy{Tracker: tr, Balancer: balancerFor(t, chaintest.NewEchoBackend(t).Addr)}
+	h := startTLSHop(t, p, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "hop", "hop.test")}})
+	c, err := tls.Dial("tcp", h.Addr, &tls.Config{RootCAs: ca.Pool, ServerName: "hop.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("ping"))
+	echo(t, c, "ping")
+	c.NetConn().(*net.TCPConn).SetLinger(0)
+	c.NetConn().Close()
+	if info := closedInfo(t, closed); info.Reason != ReasonClientReset || info.Detail != "connection reset by peer" {
+		t.Fatalf("closed with %s %q, want client_reset \"connection reset by peer\"", info.Reason, info.Detail)
+	}
+}

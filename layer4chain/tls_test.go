@@ -394,13 +394,7 @@ func TestAResetCrossesATLSLegAsAReset(t *testing.T) {
 			c.SetLinger(0)
 			c.Close()
 		})
-		p := &Proxy{Balancer: balancerFor(t, resetter.Addr)}
-		h := startTLSHop(t, p, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "hop", "hop.test")}})
-		c, err := tls.Dial("tcp", h.Addr, &tls.Config{RootCAs: ca.Pool, ServerName: "hop.test"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		h, c := tlsHopAndClient(t, ca, &Proxy{Balancer: balancerFor(t, resetter.Addr)})
 		c.Write([]byte("ping"))
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		if _, err := c.Read(make([]byte, 1)); !isReset(err) {
@@ -484,13 +478,7 @@ func TestAResetThroughTLSHasThePlainDetail(t *testing.T) {
 	closed := closedRecords{make(chan RecordInfo, 1)}
 	tr := NewTracker()
 	tr.Observer = closed
-	p := &Proxy{Tracker: tr, Balancer: balancerFor(t, chaintest.NewEchoBackend(t).Addr)}
-	h := startTLSHop(t, p, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "hop", "hop.test")}})
-	c, err := tls.Dial("tcp", h.Addr, &tls.Config{RootCAs: ca.Pool, ServerName: "hop.test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	_, c := tlsHopAndClient(t, ca, &Proxy{Tracker: tr, Balancer: balancerFor(t, chaintest.NewEchoBackend(t).Addr)})
 	c.Write([]byte("ping"))
 	echo(t, c, "ping")
 	c.NetConn().(*net.TCPConn).SetLinger(0)
@@ -498,4 +486,18 @@ func TestAResetThroughTLSHasThePlainDetail(t *testing.T) {
 	if info := closedInfo(t, closed); info.Reason != ReasonClientReset || info.Detail != "connection reset by peer" {
 		t.Fatalf("closed with %s %q, want client_reset \"connection reset by peer\"", info.Reason, info.Detail)
 	}
+}
+
+// tlsHopAndClient serves p behind TLS termination with a certificate for
+// hop.test from ca, and returns the hop and a TLS client connected to it
+// (closed when the test ends).
+func tlsHopAndClient(t *testing.T, ca *chaintest.CA, p *Proxy) (*hop, *tls.Conn) {
+	t.Helper()
+	h := startTLSHop(t, p, &tls.Config{Certificates: []tls.Certificate{ca.Issue(t, "hop", "hop.test")}})
+	c, err := tls.Dial("tcp", h.Addr, &tls.Config{RootCAs: ca.Pool, ServerName: "hop.test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return h, c
 }

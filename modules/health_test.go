@@ -495,11 +495,8 @@ func waitUpstreamHealth(t *testing.T, addr string, h layer4chain.Health) {
 // old config.
 func TestReloadWithoutTheBreakerClosesItsCircuit(t *testing.T) {
 	checkLeaks(t)
-	live := chaintest.NewEchoBackend(t)
-	dead := chaintest.RefusedAddr(t)
-	addr := chaintest.FreeAddr(t)
+	live, dead, addr := chaintest.NewEchoBackend(t), chaintest.RefusedAddr(t), chaintest.FreeAddr(t)
 	admin := startCaddyWithAdmin(t, breakerServers(addr, "1h", dead, live.Addr), nil)
-	adminAddr := strings.TrimPrefix(admin.base, "http://")
 	c := chaintest.Dial(t, addr)
 	roundTrip(t, c, "failed over to the live upstream")
 	c.Close()
@@ -508,7 +505,7 @@ func TestReloadWithoutTheBreakerClosesItsCircuit(t *testing.T) {
 	}
 
 	noBreaker := map[string]any{"hop": server(addr, map[string]any{"upstreams": upstreams(dead, live.Addr), "idle_timeout": "1h"})}
-	admin.load(caddyConfigWith(noBreaker, adminAddr, nil))
+	admin.load(caddyConfigWith(noBreaker, strings.TrimPrefix(admin.base, "http://"), nil))
 	if h := upstreamInfo(t, admin.upstreams(), dead).Health; h != layer4chain.HealthHealthy {
 		t.Fatalf("upstream after a reload that dropped fail_duration: %s, want healthy", h)
 	}

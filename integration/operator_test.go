@@ -3,6 +3,7 @@ package integration
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -51,17 +52,26 @@ func connectionsOf(list []connInfo, client string) []connInfo {
 // httpExchange sends one keep-alive request on c and reads the response.
 func httpExchange(t *testing.T, c net.Conn, r *bufio.Reader) string {
 	t.Helper()
+	got, err := tryHTTPExchange(c, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
+}
+
+// tryHTTPExchange is httpExchange returning its error.
+func tryHTTPExchange(c net.Conn, r *bufio.Reader) (string, error) {
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: quickstart\r\n\r\n"); err != nil {
-		t.Fatalf("request: %v", err)
+		return "", fmt.Errorf("request: %w", err)
 	}
 	resp, err := http.ReadResponse(r, nil)
 	if err != nil {
-		t.Fatalf("response: %v", err)
+		return "", fmt.Errorf("response: %w", err)
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	return strings.TrimSpace(string(body))
+	return strings.TrimSpace(string(body)), nil
 }
 
 // reload POSTs the JSON config at path to /load, forcing a reload although
@@ -145,13 +155,25 @@ func TestOperatorFollowsAConnectionThroughTheQuickstart(t *testing.T) {
 	// modules tests: the quickstart's HTTP backend closes its idle
 	// keep-alive connections on its own reload.)
 	reload(t, base, ex.path("quickstart.json"))
-	c2, err := net.Dial("tcp", outer)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c2.Close()
-	if got := httpExchange(t, c2, bufio.NewReader(c2)); got != "original client: "+c2.LocalAddr().String() {
-		t.Fatalf("after reload the backend answered %q", got)
+	// The backend is Caddy's HTTP server in the same process, reloaded
+	// too: the kernel may have queued the first connection on its old
+	// listener (SO_REUSEPORT) as that one closed, and the backend then
+	// closes it unanswered (both hops log upstream_closed, 0 bytes down).
+	// One more connection tells the chain's fault from that one.
+	for attempt := 1; ; attempt++ {
+		c2, err := net.Dial("tcp", outer)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := tryHTTPExchange(c2, bufio.NewReader(c2))
+		c2.Close()
+		if err == nil && got == "original client: "+c2.LocalAddr().String() {
+			break
+		}
+		if attempt == 2 || err == nil || !(errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF)) {
+			t.Fatalf("after reload the backend answered %q (%v)", got, err)
+		}
+		t.Logf("first connection after the reload: %v; once more", err)
 	}
 }
 

@@ -125,7 +125,7 @@ func (adminAPI) handleConnection(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
-	if err != nil {
+	if err != nil || id == 0 { // IDs start at 1
 		return apiError(http.StatusBadRequest, "invalid connection id %q: want a positive integer", r.PathValue("id"))
 	}
 	rec, ok := processTracker().Get(id)

@@ -354,6 +354,7 @@ func TestAdminAPIAnswersBadRequestsWithJSONErrors(t *testing.T) {
 	}{
 		{http.MethodGet, "/layer4chain/connections/abc", http.StatusBadRequest, "abc"},
 		{http.MethodGet, "/layer4chain/connections/-1", http.StatusBadRequest, "-1"},
+		{http.MethodDelete, "/layer4chain/connections/0", http.StatusBadRequest, "0"},
 		{http.MethodGet, "/layer4chain/connections/424242", http.StatusNotFound, "424242"},
 		{http.MethodDelete, "/layer4chain/connections/424242", http.StatusNotFound, "424242"},
 		{http.MethodGet, "/layer4chain/connections?state=open", http.StatusBadRequest, "open"},

@@ -90,7 +90,8 @@ func duration(dst *caddy.Duration, canBeOff bool) Option {
 		if err != nil {
 			hint := ""
 			if _, numErr := strconv.ParseFloat(v, 64); numErr == nil {
-				hint = fmt.Sprintf("; a duration has a unit, such as '%ss'", strings.TrimPrefix(v, "-"))
+				n := strings.TrimPrefix(v, "-")
+				hint = fmt.Sprintf("; a duration has a unit, such as '%sms' or '%ss'", n, n)
 				if canBeOff {
 					hint += ", and 'off' switches it off"
 				}

@@ -55,6 +55,8 @@ func TestBadConfigFailsNamingTheField(t *testing.T) {
 		{"max_lifetime in ns", map[string]any{"upstreams": ok, "max_lifetime": 3600}, `max_lifetime: 3.6µs; did you mean "3600s"?`},
 		{"accept timeout in ns", map[string]any{"upstreams": ok, "accept_proxy_protocol": map[string]any{"allow": allow, "timeout": 3}},
 			`accept_proxy_protocol.timeout: 3ns; did you mean "3s"?`},
+		{"connect_timeout in ms as ns", map[string]any{"upstreams": ok, "connect_timeout": 5000},
+			`connect_timeout: 5µs is below the 1ms minimum (written as the JSON number 5000? that counts nanoseconds: did you mean "5000ms"?)`},
 		{"sub-millisecond string", map[string]any{"upstreams": ok, "connect_timeout": "500us"}, `connect_timeout: 500µs is below the 1ms minimum`},
 		{"over a century", map[string]any{"upstreams": ok, "max_lifetime": "2562047h"}, `max_lifetime: 2562047h0m0s is longer than 100 years; for no limit set -1`},
 		{"connect_timeout over a century", map[string]any{"upstreams": ok, "connect_timeout": "1000000h"}, `connect_timeout: 1000000h0m0s is longer than 100 years; set a shorter duration`},

@@ -76,6 +76,11 @@ func checkDuration(name string, d caddy.Duration, whyNotOff string) error {
 		// seconds written as a bare JSON number; one written with a unit
 		// ("500us") is a whole number of microseconds.
 		return fmt.Errorf("%s: %s; did you mean \"%ds\"?", name, time.Duration(d), int64(d))
+	case time.Duration(d) < 100*time.Microsecond:
+		// A bare JSON number of thousands (1000, 5000) reads as a few
+		// microseconds, and was milliseconds; nobody writes "5us" for a
+		// network timeout.
+		return fmt.Errorf("%s: %s is below the 1ms minimum (written as the JSON number %d? that counts nanoseconds: did you mean \"%dms\"?)", name, time.Duration(d), int64(d), int64(d))
 	case time.Duration(d) < minDuration:
 		return fmt.Errorf("%s: %s is below the 1ms minimum; no timeout that short works on a network", name, time.Duration(d))
 	case time.Duration(d) > maxDuration && whyNotOff == "":

@@ -656,7 +656,7 @@ func (h *Handler) check(adapting bool) error {
 	if hc := h.HealthChecks; hc != nil && hc.Active != nil {
 		for i, d := range h.dials {
 			if layer4chain.HasPlaceholder(d) {
-				return fmt.Errorf("health_checks.active: upstreams[%d] (%q) has placeholders that each connection fills, and a probe has no connection to fill them; list the addresses, or leave active checks out (the circuit breaker still works)", i, d)
+				return fmt.Errorf("health_checks.active: upstreams[%d] (%q) has placeholders that each connection fills, and a probe has no connection to fill them; list the addresses, or leave active checks out (in a Caddyfile, any health_* option, and close_if_unhealthy without fail_duration, switch them on)", i, d)
 			}
 		}
 	}

@@ -297,6 +297,12 @@ func adminRequest(addr, method, uri string, v any) error {
 		if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
 			return notAdmin(resp.Status + " without a JSON error")
 		}
+		if resp.StatusCode == http.StatusForbidden && strings.HasPrefix(e.Error, "host not allowed") {
+			// Caddy's admin server takes requests only for the address its
+			// admin option names (localhost, 127.0.0.1 and ::1 for a
+			// loopback one): ":2019" is another.
+			e.Error += "; give --admin as the admin option spells it (for a loopback admin address, localhost:PORT or 127.0.0.1:PORT)"
+		}
 		return fmt.Errorf("admin API %s: %s %s: %s: %s", addr, method, uri, resp.Status, e.Error)
 	}
 	body := io.LimitReader(resp.Body, maxAdminAnswer+1)

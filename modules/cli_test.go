@@ -409,6 +409,25 @@ func TestCLISaysWhenTheAddressIsNoAdminAPI(t *testing.T) {
 	}
 }
 
+// TestCLISaysHowToNameAnAdminThatRefusesTheHost: Caddy's admin server
+// refuses a request for another host than its admin option names (":2019"
+// for "localhost:2019"); the command says how to write --admin instead of
+// passing on only the 403.
+func TestCLISaysHowToNameAnAdminThatRefusesTheHost(t *testing.T) {
+	checkLeaks(t)
+	admin := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusForbidden)
+		fmt.Fprintf(w, `{"error":"host not allowed: %s"}`, r.Host) // Caddy's words
+	}))
+	defer admin.Close()
+	_, port, _ := net.SplitHostPort(strings.TrimPrefix(admin.URL, "http://"))
+	_, err := runCLI(t, "stats", "--admin", ":"+port)
+	if err == nil || !strings.Contains(err.Error(), "host not allowed: :"+port+"; give --admin as the admin option spells it") {
+		t.Errorf("stats --admin :%s against an admin API that refuses the host: %v", port, err)
+	}
+}
+
 // TestCLIGivesUpOnAnAdminThatNeverAnswers: an address that accepts but
 // never answers fails after adminTimeout, naming the address.
 func TestCLIGivesUpOnAnAdminThatNeverAnswers(t *testing.T) {

@@ -145,10 +145,9 @@ func (p *pipe) run() CloseReason {
 // already deep: the runtime's timer code would otherwise make each small
 // copy goroutine grow (a stack copy) at its first deadline.
 func (p *pipe) arm() {
-	now := time.Now()
 	for _, d := range []*direction{&p.up, &p.down} {
 		d.armRead()
-		d.armWrite(now)
+		d.armWrite()
 	}
 }
 
@@ -279,14 +278,25 @@ func (d *direction) armRead() {
 	}
 }
 
-// armWrite keeps dst's write deadline a limit ahead of now, without a
-// deadline update per chunk: only when it has fallen an eighth behind.
-func (d *direction) armWrite(now time.Time) {
+// armWrite keeps dst's write deadline ahead of the connection's last
+// activity (on the hot path, the read just made), without a deadline
+// update per chunk: only when it has fallen an eighth of the limit behind.
+// On a plain socket it fires at a quarter of the limit, so that a write
+// blocked on a slow reader looks for the reader's progress (see write)
+// before the limit is reached; a TLS write cannot be resumed after a
+// timeout, so there it fires at the limit.
+func (d *direction) armWrite() {
 	s := d.p.r.State()
-	dl := d.p.deadline(s, now)
+	last := d.p.r.LastActivity()
+	dl := d.p.deadline(s, last)
 	lim, _ := d.p.limit(s)
-	if dl.Equal(d.writeDeadline) || (!d.writeDeadline.IsZero() && !dl.IsZero() && dl.Sub(d.writeDeadline) < lim/8) {
-		return
+	if _, isTLS := d.dst.(*tls.Conn); lim > 0 && !isTLS {
+		if check := last.Add(lim / 4); check.Before(dl) {
+			dl = check
+		}
+	}
+	if dl.Equal(d.writeDeadline) || (!d.writeDeadline.IsZero() && !dl.IsZero() && !dl.Before(d.writeDeadline) && dl.Sub(d.writeDeadline) < lim/8) {
+		return // a shorter limit (the half-closed state's) always applies at once
 	}
 	d.writeDeadline = dl
 	_ = d.dst.SetWriteDeadline(dl)
@@ -317,15 +327,15 @@ func (d *direction) copy() (parked bool) {
 					d.reject(ProxyRejectUntrusted, d.screen.refusal)
 					return
 				case verdictForward:
-					if !d.release(now) {
+					if !d.release() {
 						putBuf(buf)
 						return
 					}
 				}
 			}
 			if len(b) > 0 {
-				werr := d.write(b, now)
-				d.bytes.Add(int64(len(b)))
+				written, werr := d.write(b)
+				d.bytes.Add(int64(written))
 				if werr != nil {
 					putBuf(buf)
 					d.writeFailed(werr)
@@ -349,7 +359,7 @@ func (d *direction) copy() (parked bool) {
 					return
 				}
 				// Not a header after all: the client's own bytes.
-				if !d.release(now) {
+				if !d.release() {
 					return
 				}
 			}
@@ -364,7 +374,7 @@ func (d *direction) copy() (parked bool) {
 		case err == io.EOF:
 			// A held prefix cut short by EOF can no longer be a header:
 			// it is the client's last word, and reaches the upstream.
-			if !d.release(time.Now()) {
+			if !d.release() {
 				return
 			}
 			d.finish()
@@ -395,14 +405,23 @@ func (d *direction) read() (*[]byte, int, error) {
 	return d.buf, d.n, d.err
 }
 
-// write writes all of b to dst. A write that times out is retried while the
-// connection as a whole is not expired (the other direction may be busy).
-func (d *direction) write(b []byte, now time.Time) error {
+// write writes all of b to dst and returns how much of it dst took. A
+// write that times out is retried while the connection as a whole is not
+// expired (the other direction may be busy). A reader that took bytes
+// since the last timeout of this write, or acknowledged bytes queued
+// before, is active however slowly it reads: a sender blocked on a full
+// socket buffer is woken only once a third of it has drained, which may
+// take longer than a limit.
+func (d *direction) write(b []byte) (int, error) {
+	written := 0
+	var acked uint64
+	ackedKnown := false // the reader's progress is measured within this write
 	for {
-		d.armWrite(now)
+		d.armWrite()
 		n, err := d.dst.Write(b)
+		written += n
 		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
-			return err
+			return written, err
 		}
 		if _, ok := d.dst.(*tls.Conn); ok {
 			// A TLS connection whose write timed out is broken for good:
@@ -411,12 +430,17 @@ func (d *direction) write(b []byte, now time.Time) error {
 			if lim <= 0 {
 				reason = ReasonMaxLifetime
 			}
-			return &limitError{reason}
+			return written, &limitError{reason}
 		}
 		b = b[n:]
-		now = time.Now()
+		now := time.Now()
+		nowAcked, known := bytesAcked(d.dstTCP)
+		if n > 0 || (known && ackedKnown && nowAcked != acked) {
+			d.p.r.touch(now)
+		}
+		acked, ackedKnown = nowAcked, known
 		if reason, expired := d.p.expired(now); expired {
-			return &limitError{reason}
+			return written, &limitError{reason}
 		}
 	}
 }
@@ -424,7 +448,7 @@ func (d *direction) write(b []byte, now time.Time) error {
 // release ends screening: the held bytes, if any, are the client's and go
 // to dst before anything read after them. It returns false if the
 // connection ended because the write failed.
-func (d *direction) release(now time.Time) bool {
+func (d *direction) release() bool {
 	sc := d.screen
 	if sc == nil {
 		return true
@@ -434,8 +458,8 @@ func (d *direction) release(now time.Time) bool {
 	if len(held) == 0 {
 		return true
 	}
-	err := d.write(held, now)
-	d.bytes.Add(int64(len(held)))
+	written, err := d.write(held)
+	d.bytes.Add(int64(written))
 	if err != nil {
 		d.writeFailed(err)
 		return false

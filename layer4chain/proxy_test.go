@@ -9,6 +9,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -427,4 +428,74 @@ func TestClosedWhileAwaitingTheHeaderIsNoRejection(t *testing.T) {
 	}
 	silent.Close()
 	partial.Close()
+}
+
+// TestASlowSteadyReaderIsNeverCutByAnInactivityLimit: a client that reads
+// a large answer slowly but without pause is active, in the half-closed
+// state (it sent its request and FIN) and the established one alike. The
+// writer towards it blocks on a full socket buffer, and the kernel wakes
+// it only once a third of that buffer has drained, which here takes longer
+// than the limit (the buffer is fixed at 256 KiB, as an operator's sysctl
+// or a slower client would make it): bytes the client acknowledged
+// meanwhile count as activity, and the answer arrives whole, counted
+// exactly.
+func TestASlowSteadyReaderIsNeverCutByAnInactivityLimit(t *testing.T) {
+	const total = 3 << 19
+	for _, halfClose := range []bool{true, false} {
+		name := "established"
+		if halfClose {
+			name = "half-closed"
+		}
+		t.Run(name, func(t *testing.T) {
+			backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+				if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+					return
+				}
+				c.Write(bytes.Repeat([]byte("d"), total))
+			})
+			limits := Timeouts{Idle: 100 * time.Millisecond}
+			if halfClose {
+				// The established state's long limit armed the first
+				// write; the half-closed state's short one must apply.
+				limits = Timeouts{Idle: time.Hour, HalfClose: 100 * time.Millisecond}
+			}
+			p := &Proxy{Balancer: balancerFor(t, backend.Addr), Timeouts: limits}
+			h := startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
+				c.(*net.TCPConn).SetWriteBuffer(256 << 10)
+				return p.Serve(c, nil, ClientMeta{Server: h.Addr}), true
+			})
+			d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+				return rc.Control(func(fd uintptr) {
+					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10)
+				})
+			}}
+			c, err := d.Dial("tcp", h.Addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			io.WriteString(c, "GET\n")
+			if halfClose {
+				c.(*net.TCPConn).CloseWrite()
+			}
+			got, buf := 0, make([]byte, 16<<10)
+			c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			for got < total {
+				n, err := c.Read(buf)
+				got += n
+				if err != nil {
+					break
+				}
+				time.Sleep(20 * time.Millisecond) // about 800 KB/s, never a pause near the limit
+			}
+			if got != total {
+				t.Fatalf("client read %d of %d bytes before the hop closed it", got, total)
+			}
+			c.Close()
+			h.reason(t)
+			if s := h.Tracker.Stats(); s.BytesDown != total {
+				t.Errorf("bytes_down %d, want the %d the client read", s.BytesDown, total)
+			}
+		})
+	}
 }

@@ -38,3 +38,23 @@ func socketInfo(rc syscall.RawConn) *SocketInfo {
 		Unacked:     ti.Unacked,
 	}
 }
+
+// bytesAcked reads how many bytes the peer of sock has acknowledged over
+// the socket's life (TCP_INFO's bytes_acked); false when sock is nil,
+// closed or not TCP.
+func bytesAcked(sock syscall.Conn) (uint64, bool) {
+	if sock == nil {
+		return 0, false
+	}
+	rc, err := sock.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var ti *unix.TCPInfo
+	if cerr := rc.Control(func(fd uintptr) {
+		ti, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); cerr != nil || err != nil {
+		return 0, false
+	}
+	return ti.Bytes_acked, true
+}

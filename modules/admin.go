@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -190,7 +191,10 @@ type listQuery struct {
 // value is a 400 naming the parameter.
 func parseListQuery(r *http.Request) (listQuery, error) {
 	var q listQuery
-	values := r.URL.Query()
+	values, err := queryValues(r)
+	if err != nil {
+		return listQuery{}, err
+	}
 	for _, key := range slices.Sorted(maps.Keys(values)) {
 		if (key == "limit" || key == "after") && len(values[key]) > 1 {
 			return listQuery{}, apiError(http.StatusBadRequest, "%s: given %d times, want it once", key, len(values[key]))
@@ -289,11 +293,22 @@ func (q *listQuery) clientMatches(addr string) bool {
 // noParameters rejects a query on an endpoint that takes none, as a typo
 // in a filter would otherwise go unnoticed.
 func noParameters(r *http.Request) error {
-	values := r.URL.Query()
-	if len(values) == 0 {
-		return nil
+	values, err := queryValues(r)
+	if err != nil || len(values) == 0 {
+		return err
 	}
 	return apiError(http.StatusBadRequest, "unknown parameter %q (%s takes none)", slices.Min(slices.Collect(maps.Keys(values))), r.URL.Path)
+}
+
+// queryValues parses the request's query. A pair it cannot read (a bad
+// %-escape, a ';') is a 400: dropped, as r.URL.Query() drops it, a filter
+// would silently list or act on every connection.
+func queryValues(r *http.Request) (url.Values, error) {
+	values, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return nil, apiError(http.StatusBadRequest, "query %q: %v", r.URL.RawQuery, err)
+	}
+	return values, nil
 }
 
 func allowMethods(r *http.Request, methods ...string) error {

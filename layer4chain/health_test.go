@@ -260,6 +260,23 @@ func TestActiveChecksMarkABlackHoledUpstreamDownAndUpAgain(t *testing.T) {
 	}
 }
 
+// TestABlackHoledUpstreamDelaysNoVerdictOnAnother: each upstream is probed
+// on its own schedule, so a refused upstream is marked down at once while
+// a black-holed one's probe waits out its whole timeout.
+func TestABlackHoledUpstreamDelaysNoVerdictOnAnother(t *testing.T) {
+	hole := NewUpstream(chaintest.BlackholeAddr(t))
+	refused := NewUpstream(chaintest.RefusedAddr(t))
+	events := watch(refused)
+	cfg := ActiveHealth{Interval: 50 * time.Millisecond, Timeout: 5 * time.Second, Fall: 2}
+	start := time.Now()
+	stop := StartHealthChecks([]*Upstream{hole, refused}, cfg)
+	defer stop()
+	events.next(t, HealthHealthy, HealthUnhealthy)
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("the refused upstream was marked down after %v, behind the black hole's %v probe; want about one interval", took, cfg.Timeout)
+	}
+}
+
 func TestConcurrentDialsCannotOverrunAnUpstreamsLimit(t *testing.T) {
 	u := NewUpstream("127.0.0.1:9")
 	var wg sync.WaitGroup

@@ -88,7 +88,8 @@ type checker struct {
 	// streaks[i] counts upstream i's probes in a row with one outcome:
 	// positive for passes, negative for failures.
 	streaks []int
-	// down[i] is this checker's verdict on upstream i.
+	// down[i] is this checker's verdict on upstream i. Both belong to
+	// upstream i's watch goroutine.
 	down []bool
 }
 
@@ -103,7 +104,23 @@ func (c *checker) withdraw() {
 	}
 }
 
+// run probes each upstream on a schedule of its own until ctx ends.
 func (c *checker) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	for i, u := range c.upstreams {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.watch(ctx, i, u)
+		}()
+	}
+	wg.Wait()
+}
+
+// watch probes upstream i every interval and records each outcome at
+// once: a black-holed upstream, whose probes last the whole timeout,
+// delays no verdict on the others.
+func (c *checker) watch(ctx context.Context, i int, u *Upstream) {
 	interval := c.cfg.Interval
 	if interval <= 0 {
 		interval = DefaultHealthInterval
@@ -111,33 +128,16 @@ func (c *checker) run(ctx context.Context) {
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
-		c.probeAll(ctx)
+		err := c.probe(ctx, u)
+		if ctx.Err() != nil {
+			return // stopping: a cancelled probe says nothing
+		}
+		c.record(i, u, err)
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
-	}
-}
-
-// probeAll probes every upstream concurrently, so one black-holed upstream
-// does not delay the verdict on the others.
-func (c *checker) probeAll(ctx context.Context) {
-	errs := make([]error, len(c.upstreams))
-	var wg sync.WaitGroup
-	for i, u := range c.upstreams {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = c.probe(ctx, u)
-		}()
-	}
-	wg.Wait()
-	if ctx.Err() != nil {
-		return // stopping: a cancelled probe says nothing
-	}
-	for i, u := range c.upstreams {
-		c.record(i, u, errs[i])
 	}
 }
 

@@ -260,12 +260,19 @@ func (p *Proxy) serve(r *Record, client net.Conn, pending []byte, meta ClientMet
 			r.setDetail(errClientGone)
 			return nil, ReasonClientClosed
 		}
-		r.setDetail(err)
 		var de *DialError
 		if errors.As(err, &de) {
 			r.mu.Lock()
 			r.upstream = de.Upstream // the last one tried, if any
 			r.mu.Unlock()
+		}
+		if closed := r.Reason(); closed != ReasonNone {
+			// Closed from outside while dialing (admin, shutdown): the
+			// dial it cancelled failed for no reason of the upstream's.
+			return nil, closed
+		}
+		r.setDetail(err)
+		if de != nil {
 			return nil, de.Reason
 		}
 		return nil, ReasonConnectFailed

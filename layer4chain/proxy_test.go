@@ -499,3 +499,37 @@ func TestASlowSteadyReaderIsNeverCutByAnInactivityLimit(t *testing.T) {
 		})
 	}
 }
+
+// TestClosedFromOutsideDuringTheDialBlamesNoUpstream: an admin close while
+// the upstream is being dialed ends the connection with reason admin, and
+// the dial it cancelled is no failure: no detail says connect_failed, no
+// dial failure is counted.
+func TestClosedFromOutsideDuringTheDialBlamesNoUpstream(t *testing.T) {
+	closed := closedRecords{make(chan RecordInfo, 1)}
+	p := &Proxy{Balancer: balancerFor(t, chaintest.BlackholeAddr(t)), Dialer: &Dialer{ConnectTimeout: 5 * time.Second}}
+	p.Tracker = NewTracker()
+	p.Tracker.Observer = closed
+	h := startHop(t, p, nil)
+	c := chaintest.Dial(t, h.Addr)
+	io.WriteString(c, "x")
+	var r *Record
+	for deadline := time.Now().Add(3 * time.Second); r == nil || r.State() != StateConnecting; {
+		if time.Now().After(deadline) {
+			t.Fatal("no record dialing")
+		}
+		if rs := p.Tracker.Records(); len(rs) == 1 {
+			r = rs[0]
+		}
+		runtime.Gosched()
+	}
+	r.Close(ReasonAdmin)
+	info := <-closed.infos
+	if info.Reason != ReasonAdmin || info.Detail != "" {
+		t.Fatalf("closed with %s (%q), want admin with no detail", info.Reason, info.Detail)
+	}
+	for _, reason := range DialFailureReasons {
+		if n := p.Tracker.DialFailures(reason); n != 0 {
+			t.Errorf("%d %s dial failures counted", n, reason)
+		}
+	}
+}

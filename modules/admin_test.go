@@ -355,6 +355,7 @@ func TestAdminAPIAnswersBadRequestsWithJSONErrors(t *testing.T) {
 		{http.MethodGet, "/layer4chain/connections/abc", http.StatusBadRequest, "abc"},
 		{http.MethodGet, "/layer4chain/connections/-1", http.StatusBadRequest, "-1"},
 		{http.MethodDelete, "/layer4chain/connections/0", http.StatusBadRequest, "0"},
+		{http.MethodGet, "/layer4chain/connections/01", http.StatusBadRequest, "01"},
 		{http.MethodGet, "/layer4chain/connections?client=10.9.9.9;", http.StatusBadRequest, "10.9.9.9;"},
 		{http.MethodGet, "/layer4chain/connections?chain_id=nosuch%zz", http.StatusBadRequest, "nosuch%zz"},
 		{http.MethodGet, "/layer4chain/stats?%zz=1", http.StatusBadRequest, "%zz"},

@@ -3,6 +3,7 @@ package layer4chain
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"syscall"
@@ -72,4 +73,69 @@ func TestShutdownListenersRefusesNewConnectionsAtOnce(t *testing.T) {
 		t.Fatalf("the other listener stopped too: %v", err)
 	}
 	c.Close()
+}
+
+// TestRescueListenerServesAQueueNobodyAccepts: connections wait in the
+// queue of a listener whose owner no longer accepts, ListeningSockets
+// counts them, a rescue serves them on a duplicate of the socket, and
+// stopping the rescue leaves the owner's listener as it was.
+func TestRescueListenerServesAQueueNobodyAccepts(t *testing.T) {
+	ln := listenReusePort(t, "127.0.0.1:0")
+	local := netip.MustParseAddrPort(ln.Addr().String())
+	var clients []net.Conn
+	defer func() {
+		for _, c := range clients {
+			c.Close()
+		}
+	}()
+	for range 3 {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		clients = append(clients, c)
+	}
+	var sock ListeningSocket
+	for deadline := time.Now().Add(2 * time.Second); sock.Queued != 3; {
+		socks, err := ListeningSockets(func(a netip.AddrPort) bool { return a == local })
+		if err != nil || len(socks) != 1 {
+			t.Fatalf("ListeningSockets: %v, %v; want the one listener", socks, err)
+		}
+		if sock = socks[0]; time.Now().After(deadline) {
+			t.Fatalf("the listener's queue holds %d connections, want 3", sock.Queued)
+		}
+	}
+	stop, err := RescueListener(sock.FD, func(c net.Conn) {
+		c.Write([]byte("r"))
+		c.Close()
+	}, func(err error) { t.Errorf("accept: %v", err) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range clients {
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		if b, err := io.ReadAll(c); err != nil || string(b) != "r" {
+			t.Fatalf("client %d read %q, %v; want the rescue's answer", i, b, err)
+		}
+	}
+	stop()
+	if s, ok := sock.Refresh(); !ok || s.Queued != 0 {
+		t.Fatalf("after the rescue stopped: %+v, listening %v; want the owner's listener, its queue empty", s, ok)
+	}
+	accepted := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			c.Close()
+		}
+		accepted <- err
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if err := <-accepted; err != nil {
+		t.Fatalf("the owner's listener after the rescue stopped: %v", err)
+	}
 }

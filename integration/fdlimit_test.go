@@ -211,3 +211,72 @@ func connectionLimit(t *testing.T, adminAddr string) (limit int64, found bool) {
 	}
 	return 0, false
 }
+
+// TestAConnectBurstUnderALowFileLimitLeavesTheListenerServing sends a burst
+// of connects at once to a Caddy with few file descriptors: Caddy accepts
+// them faster than its handlers refuse them, the accepted sockets exhaust
+// the file limit, and caddy-l4's accept loop returns on EMFILE for good.
+// The app must notice the listener whose queue no longer drains and accept
+// on it itself: once the burst is gone, new clients are served.
+func TestAConnectBurstUnderALowFileLimitLeavesTheListenerServing(t *testing.T) {
+	const fileLimit, dialers, perDialer = 256, 8, 150
+	backend := chaintest.NewEchoBackend(t)
+	hop, adminAddr := freeAddr(t), freeAddr(t)
+	path := writeConfig(t, fmt.Sprintf(`{"admin": {"listen": %q},
+		"apps": {"layer4": {"servers": {"hop": {"listen": [%q],
+			"routes": [{"handle": [{"handler": "chain", "upstreams": [{"dial": [%q]}]}]}]}}}}}`,
+		adminAddr, hop, backend.Addr))
+	p := startCaddyCommand(t, nil, []string{hop, adminAddr}, "sh", "-c", `ulimit -n `+strconv.Itoa(fileLimit)+` && exec "$0" "$@"`,
+		caddyBinary(t), "run", "--config", path)
+	p.waitOutput(t, "serving initial configuration", 10*time.Second)
+
+	// The burst: every dialer connects as fast as it can, sends a byte
+	// and keeps the connection, served or not, until all have dialed.
+	var (
+		mu   sync.Mutex
+		held []net.Conn
+		wg   sync.WaitGroup
+	)
+	for range dialers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range perDialer {
+				c, err := net.DialTimeout("tcp", hop, time.Second)
+				if err != nil {
+					continue // the backlog is full
+				}
+				c.Write([]byte{'x'})
+				mu.Lock()
+				held = append(held, c)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	for _, c := range held {
+		c.Close()
+	}
+	t.Logf("%d of %d connects completed", len(held), dialers*perDialer)
+
+	// Once the burst is gone, new clients are served, by caddy-l4's accept
+	// loop or by the rescue of its listener.
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", hop, time.Second)
+		if err == nil {
+			err = echoOnce(c, "after the burst\n")
+			c.Close()
+		}
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new client served within 15 s of the burst: %v\n%s", err, grepLines(p.output.String(), "error"))
+		}
+	}
+	if line := logLine(p, "a layer4 listener stopped accepting: its accept queue held connections at every check; caddy-l4's accept loop ends on an accept error (EMFILE when the process runs out of file descriptors), so layer4chain accepts on it too, until the config is reloaded; raise the file limit (ulimit -n, LimitNOFILE)"); line != "" {
+		t.Logf("rescued: %s", line)
+	}
+	waitStats(t, adminAddr, func(s hopStats) bool { return s.ActiveTotal == 0 })
+}

@@ -2,6 +2,7 @@ package modules
 
 import (
 	"fmt"
+	"maps"
 	"math"
 	"net/netip"
 	"slices"
@@ -39,8 +40,10 @@ const (
 // old handlers go on undisturbed and stay listed.
 type App struct {
 	// SweepInterval is how often the sweep runs: it closes connections past
-	// a limit that no deadline enforced, and reaps zombie records (which
-	// must never exist). Default: 1s. It cannot be off.
+	// a limit that no deadline enforced, reaps zombie records (which must
+	// never exist), and reads the layer4 listeners' accept queues to rescue
+	// one whose accept loop ended (see rescue.go). Default: 1s. It cannot
+	// be off.
 	SweepInterval caddy.Duration `json:"sweep_interval,omitempty"`
 
 	// ShutdownGrace is how long the process waits, when it shuts down
@@ -74,6 +77,7 @@ type App struct {
 	limit    connectionLimit
 	stop     chan struct{}
 	stopped  chan struct{}
+	watch    listenerWatch // the layer4 listeners; see rescue.go
 }
 
 // onStart registers what a handler of this config starts with the config
@@ -192,7 +196,7 @@ func (a *App) Start() error {
 	if derived := layer4chain.ConnectionLimitForFiles(a.limit.nofile); a.limit.nofile > 0 && derived > 0 &&
 		(a.limit.max == 0 || a.limit.max > derived) {
 		a.logger.Warn("the connection limit lets proxied connections exhaust the file limit; "+
-			"a listener whose accept fails with EMFILE stops accepting until the next reload",
+			"a listener whose accept fails with EMFILE stops accepting until the app rescues it, seconds later",
 			append(fields, zap.Int("safe_max_connections", derived))...)
 	}
 
@@ -200,6 +204,7 @@ func (a *App) Start() error {
 		a.stops = append(a.stops, start())
 	}
 	a.stop, a.stopped = make(chan struct{}), make(chan struct{})
+	a.watch = listenerWatch{app: a}
 	go a.sweep(time.Duration(a.SweepInterval))
 	return nil
 }
@@ -257,6 +262,7 @@ func (a *App) sweep(interval time.Duration) {
 			return
 		case now := <-tick.C:
 			a.tracker.Sweep(now)
+			a.watch.check()
 		}
 	}
 }
@@ -275,6 +281,7 @@ func (a *App) Stop() error {
 		<-a.stopped
 		a.stop = nil
 	}
+	a.watch.stop()
 	// On exit the drain's lines still go through this app's logger, so it
 	// retires last.
 	defer a.retire()
@@ -314,13 +321,9 @@ func (a *App) Cleanup() error {
 // refuse it: with SO_REUSEPORT a replacement process on the same port gets
 // every new connection, and without one new connections are refused.
 func (a *App) unbind() (int, error) {
-	app, err := a.ctx.AppIfConfigured("layer4")
-	if err != nil {
+	l4 := a.layer4()
+	if l4 == nil {
 		return 0, nil // no layer4 app, no listeners
-	}
-	l4, ok := app.(*layer4.App)
-	if !ok {
-		return 0, fmt.Errorf("the layer4 app is a %T", app)
 	}
 	addrs, err := listenAddrs(l4)
 	if err != nil {
@@ -336,22 +339,44 @@ func (a *App) unbind() (int, error) {
 	})
 }
 
+// layer4 returns this config's layer4 app, nil if it has none.
+func (a *App) layer4() *layer4.App {
+	app, err := a.ctx.AppIfConfigured("layer4")
+	if err != nil {
+		return nil
+	}
+	l4, _ := app.(*layer4.App)
+	return l4
+}
+
 // listenAddrs returns the stream listen addresses of every layer4 server,
 // placeholders replaced as caddy-l4 replaces them.
 func listenAddrs(l4 *layer4.App) ([]caddy.NetworkAddress, error) {
+	var out []caddy.NetworkAddress
+	for _, name := range slices.Sorted(maps.Keys(l4.Servers)) {
+		addrs, err := serverListenAddrs(name, l4.Servers[name])
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, addrs...)
+	}
+	return out, nil
+}
+
+// serverListenAddrs returns the stream listen addresses of one layer4
+// server.
+func serverListenAddrs(name string, srv *layer4.Server) ([]caddy.NetworkAddress, error) {
 	repl := caddy.NewReplacer()
 	var out []caddy.NetworkAddress
-	for name, srv := range l4.Servers {
-		for _, s := range srv.Listen {
-			na, err := caddy.ParseNetworkAddress(repl.ReplaceAll(s, ""))
-			if err != nil {
-				return nil, fmt.Errorf("layer4 server %s: %w", name, err)
-			}
-			if n := na.Network; n != "" && !strings.HasPrefix(n, "tcp") {
-				continue // datagram, unix and fd listeners
-			}
-			out = append(out, na)
+	for _, s := range srv.Listen {
+		na, err := caddy.ParseNetworkAddress(repl.ReplaceAll(s, ""))
+		if err != nil {
+			return nil, fmt.Errorf("layer4 server %s: %w", name, err)
 		}
+		if n := na.Network; n != "" && !strings.HasPrefix(n, "tcp") {
+			continue // datagram, unix and fd listeners
+		}
+		out = append(out, na)
 	}
 	return out, nil
 }

@@ -73,10 +73,12 @@ func (w *listenerWatch) check() {
 		})
 	}
 	w.checks++
+	checked := make(map[netip.AddrPort]bool, len(w.sockets))
 	for _, s := range w.sockets {
-		if _, done := w.rescued[s.Local]; done {
-			continue
+		if _, done := w.rescued[s.Local]; done || checked[s.Local] {
+			continue // one socket may have several descriptors
 		}
+		checked[s.Local] = true
 		s, ok := lowestQueue(s)
 		if !ok {
 			continue

@@ -145,9 +145,10 @@ func (p *pipe) run() CloseReason {
 // already deep: the runtime's timer code would otherwise make each small
 // copy goroutine grow (a stack copy) at its first deadline.
 func (p *pipe) arm() {
+	now := time.Now()
 	for _, d := range []*direction{&p.up, &p.down} {
 		d.armRead()
-		d.armWrite()
+		d.armWrite(now)
 	}
 }
 
@@ -278,20 +279,19 @@ func (d *direction) armRead() {
 	}
 }
 
-// armWrite keeps dst's write deadline ahead of the connection's last
-// activity (on the hot path, the read just made), without a deadline
-// update per chunk: only when it has fallen an eighth of the limit behind.
-// On a plain socket it fires at a quarter of the limit, so that a write
-// blocked on a slow reader looks for the reader's progress (see write)
+// armWrite keeps dst's write deadline at the connection's expiry (a limit
+// after its last activity), without a deadline update per chunk: only when
+// it has fallen an eighth of the limit behind. On a plain socket it fires
+// a quarter of the limit after now at the latest, so that a write blocked
+// on a slow reader looks for the reader's progress (see write) in steps
 // before the limit is reached; a TLS write cannot be resumed after a
-// timeout, so there it fires at the limit.
-func (d *direction) armWrite() {
+// timeout, so there it fires at the expiry.
+func (d *direction) armWrite(now time.Time) {
 	s := d.p.r.State()
-	last := d.p.r.LastActivity()
-	dl := d.p.deadline(s, last)
+	dl := d.p.deadline(s, d.p.r.LastActivity())
 	lim, _ := d.p.limit(s)
 	if _, isTLS := d.dst.(*tls.Conn); lim > 0 && !isTLS {
-		if check := last.Add(lim / 4); check.Before(dl) {
+		if check := now.Add(lim / 4); check.Before(dl) {
 			dl = check
 		}
 	}
@@ -334,7 +334,7 @@ func (d *direction) copy() (parked bool) {
 				}
 			}
 			if len(b) > 0 {
-				written, werr := d.write(b)
+				written, werr := d.write(b, now)
 				d.bytes.Add(int64(written))
 				if werr != nil {
 					putBuf(buf)
@@ -407,17 +407,17 @@ func (d *direction) read() (*[]byte, int, error) {
 
 // write writes all of b to dst and returns how much of it dst took. A
 // write that times out is retried while the connection as a whole is not
-// expired (the other direction may be busy). A reader that took bytes
-// since the last timeout of this write, or acknowledged bytes queued
-// before, is active however slowly it reads: a sender blocked on a full
-// socket buffer is woken only once a third of it has drained, which may
-// take longer than a limit.
-func (d *direction) write(b []byte) (int, error) {
+// expired (the other direction may be busy). A reader that acknowledged
+// bytes between two timeouts of this write is active however slowly it
+// reads: a sender blocked on a full socket buffer is woken only once a
+// third of it has drained, which may take longer than a limit. (What the
+// blocked write itself got into the buffer says nothing of the reader.)
+func (d *direction) write(b []byte, now time.Time) (int, error) {
 	written := 0
 	var acked uint64
 	ackedKnown := false // the reader's progress is measured within this write
 	for {
-		d.armWrite()
+		d.armWrite(now)
 		n, err := d.dst.Write(b)
 		written += n
 		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
@@ -433,9 +433,9 @@ func (d *direction) write(b []byte) (int, error) {
 			return written, &limitError{reason}
 		}
 		b = b[n:]
-		now := time.Now()
+		now = time.Now()
 		nowAcked, known := bytesAcked(d.dstTCP)
-		if n > 0 || (known && ackedKnown && nowAcked != acked) {
+		if known && ackedKnown && nowAcked != acked {
 			d.p.r.touch(now)
 		}
 		acked, ackedKnown = nowAcked, known
@@ -458,7 +458,7 @@ func (d *direction) release() bool {
 	if len(held) == 0 {
 		return true
 	}
-	written, err := d.write(held)
+	written, err := d.write(held, time.Now())
 	d.bytes.Add(int64(written))
 	if err != nil {
 		d.writeFailed(err)

@@ -533,3 +533,45 @@ func TestClosedFromOutsideDuringTheDialBlamesNoUpstream(t *testing.T) {
 		}
 	}
 }
+
+// TestAReaderThatNeverReadsIsCutAtTheLimitWithoutSpinning: a client that
+// takes nothing (its window stays shut, though its kernel keeps answering
+// probes) leaves the hop's write blocked; the connection ends at
+// idle_timeout after the last byte moved, not later, and the blocked write
+// waits for it without burning the CPU.
+func TestAReaderThatNeverReadsIsCutAtTheLimitWithoutSpinning(t *testing.T) {
+	const limit = time.Second
+	answer := bytes.Repeat([]byte("d"), 8<<20) // far more than the buffers hold
+	backend := chaintest.NewBackend(t, func(c *net.TCPConn) { c.Write(answer) })
+	p := &Proxy{Balancer: balancerFor(t, backend.Addr), Timeouts: Timeouts{Idle: limit}}
+	h := startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
+		c.(*net.TCPConn).SetWriteBuffer(64 << 10) // full within milliseconds
+		return p.Serve(c, nil, ClientMeta{Server: h.Addr}), true
+	})
+	var before syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
+	start := time.Now()
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10)
+		})
+	}}
+	c, err := d.Dial("tcp", h.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if r := h.reason(t); r != ReasonIdleTimeout {
+		t.Fatalf("closed with %s, want idle_timeout", r)
+	}
+	elapsed := time.Since(start)
+	var after syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &after)
+	cpu := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
+	if elapsed < limit || elapsed > limit+limit/4 {
+		t.Errorf("a reader that never reads was cut after %v, want the %v limit", elapsed, limit)
+	}
+	if cpu > limit/3 {
+		t.Errorf("the blocked write used %v of CPU while it waited %v", cpu, elapsed)
+	}
+}

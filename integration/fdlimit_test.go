@@ -280,3 +280,53 @@ func TestAConnectBurstUnderALowFileLimitLeavesTheListenerServing(t *testing.T) {
 	}
 	waitStats(t, adminAddr, func(s hopStats) bool { return s.ActiveTotal == 0 })
 }
+
+// TestABurstCaddyKeepsUpWithRaisesNoRescue: with file descriptors to spare,
+// a connect burst fills the accept queue for a moment and caddy-l4's own
+// loop works through it; however short the sweep interval, the listener
+// watch must not take that listener for dead.
+func TestABurstCaddyKeepsUpWithRaisesNoRescue(t *testing.T) {
+	const dialers, perDialer = 16, 250
+	backend := chaintest.NewEchoBackend(t)
+	hop, adminAddr := freeAddr(t), freeAddr(t)
+	path := writeConfig(t, fmt.Sprintf(`{"admin": {"listen": %q},
+		"apps": {
+			"layer4chain": {"sweep_interval": "100ms"},
+			"layer4": {"servers": {"hop": {"listen": [%q],
+				"routes": [{"handle": [{"handler": "chain", "upstreams": [{"dial": [%q]}]}]}]}}}}}`,
+		adminAddr, hop, backend.Addr))
+	// One thread of work: Caddy falls behind the burst for a while.
+	p := startCaddyEnv(t, []string{"GOMAXPROCS=1"}, []string{hop, adminAddr}, "--config", path)
+	var (
+		mu   sync.Mutex
+		held []net.Conn
+		wg   sync.WaitGroup
+	)
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	for range dialers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range perDialer {
+				if c, err := net.DialTimeout("tcp", hop, 2*time.Second); err == nil {
+					mu.Lock()
+					held = append(held, c)
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	// Every connection reaches the hop, then four seconds of sweeps
+	// (forty checks' worth at this interval, four of the watch's) pass.
+	waitStats(t, adminAddr, func(s hopStats) bool { return s.ActiveTotal == int64(len(held)) })
+	from := stats(t, adminAddr).Sweeps
+	waitStats(t, adminAddr, func(s hopStats) bool { return s.Sweeps >= from+40 })
+	if line := grepLines(p.output.String(), "a layer4 listener stopped accepting"); line != "" {
+		t.Errorf("a burst Caddy kept up with was taken for a dead listener:\n%s", line)
+	}
+}

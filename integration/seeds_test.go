@@ -57,6 +57,7 @@ type hopStats struct {
 	Closed           map[string]int64 `json:"closed"`
 	DialFailures     map[string]int64 `json:"dial_failures"`
 	ZombiesReaped    int64            `json:"zombies_reaped"`
+	Sweeps           int64            `json:"sweeps"`
 }
 
 func stats(t *testing.T, adminAddr string) hopStats {

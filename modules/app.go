@@ -262,7 +262,7 @@ func (a *App) sweep(interval time.Duration) {
 			return
 		case now := <-tick.C:
 			a.tracker.Sweep(now)
-			a.watch.check()
+			a.watch.check(now)
 		}
 	}
 }

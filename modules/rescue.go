@@ -30,6 +30,10 @@ const (
 	// stalledChecks is how many checks in a row find a listener's queue
 	// held before it is rescued.
 	stalledChecks = 3
+	// watchEvery spaces the checks, whatever the sweep interval: three
+	// checks must span seconds, longer than a burst a live accept loop
+	// is still working through.
+	watchEvery = time.Second
 	// rescanEvery is how many checks reuse the listening sockets found
 	// before /proc/self/fd is read again (one system call per descriptor).
 	rescanEvery = 10
@@ -45,6 +49,7 @@ type listenerWatch struct {
 	app     *App
 	sockets []layer4chain.ListeningSocket
 	checks  int                       // since the last scan
+	last    time.Time                 // of the last check
 	held    map[netip.AddrPort]int    // checks in a row that found the queue held
 	queued  map[netip.AddrPort]uint32 // the queue at the last check
 	rescued map[netip.AddrPort]func() // stops the rescue of that listener
@@ -52,10 +57,14 @@ type listenerWatch struct {
 
 // check looks at every layer4 listener's accept queue once, and rescues the
 // listeners found dead.
-func (w *listenerWatch) check() {
+func (w *listenerWatch) check(now time.Time) {
 	if w.app.tracker.Draining() {
 		return // the drain stopped the listeners on purpose
 	}
+	if now.Sub(w.last) < watchEvery {
+		return
+	}
+	w.last = now
 	l4 := w.app.layer4()
 	if l4 == nil {
 		return

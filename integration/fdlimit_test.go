@@ -36,16 +36,7 @@ func TestOverloadUnderALowFileLimitIsRefusedAndTheListenerLives(t *testing.T) {
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &own); err != nil || own.Cur < 2*clients+200 {
 		t.Skipf("the test needs %d files, it may open %d (%v)", 2*clients+200, own.Cur, err)
 	}
-	backend := chaintest.NewEchoBackend(t)
-	hop, adminAddr := freeAddr(t), freeAddr(t)
-	path := writeConfig(t, fmt.Sprintf(`{"admin": {"listen": %q},
-		"apps": {"layer4": {"servers": {"hop": {"listen": [%q],
-			"routes": [{"handle": [{"handler": "chain", "upstreams": [{"dial": [%q]}]}]}]}}}}}`,
-		adminAddr, hop, backend.Addr))
-	// `ulimit -n` in POSIX sh sets the soft and the hard limit, so the Go
-	// runtime in Caddy cannot raise its soft limit back up at start.
-	p := startCaddyCommand(t, nil, []string{hop, adminAddr}, "sh", "-c", `ulimit -n `+strconv.Itoa(fileLimit)+` && exec "$0" "$@"`,
-		caddyBinary(t), "run", "--config", path)
+	p, hop, adminAddr := startHopUnderFileLimit(t, fileLimit)
 	if limits, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", p.cmd.Process.Pid)); err != nil ||
 		!strings.Contains(grepLines(string(limits), "Max open files"), fmt.Sprintf(" %d ", fileLimit)) {
 		t.Fatalf("caddy does not run under %d files (%v):\n%s", fileLimit, err, limits)
@@ -158,6 +149,23 @@ func TestOverloadUnderALowFileLimitIsRefusedAndTheListenerLives(t *testing.T) {
 	}
 }
 
+// startHopUnderFileLimit runs a Caddy with one chain hop to an echo
+// backend under `ulimit -n fileLimit`, which in POSIX sh sets the soft and
+// the hard limit, so the Go runtime in Caddy cannot raise its soft limit
+// back up at start.
+func startHopUnderFileLimit(t *testing.T, fileLimit int) (p *process, hop, adminAddr string) {
+	t.Helper()
+	backend := chaintest.NewEchoBackend(t)
+	hop, adminAddr = freeAddr(t), freeAddr(t)
+	path := writeConfig(t, fmt.Sprintf(`{"admin": {"listen": %q},
+		"apps": {"layer4": {"servers": {"hop": {"listen": [%q],
+			"routes": [{"handle": [{"handler": "chain", "upstreams": [{"dial": [%q]}]}]}]}}}}}`,
+		adminAddr, hop, backend.Addr))
+	p = startCaddyCommand(t, nil, []string{hop, adminAddr}, "sh", "-c", `ulimit -n `+strconv.Itoa(fileLimit)+` && exec "$0" "$@"`,
+		caddyBinary(t), "run", "--config", path)
+	return p, hop, adminAddr
+}
+
 // logLine returns the first JSON log line of the process with message msg.
 func logLine(p *process, msg string) string {
 	for _, line := range strings.Split(p.output.String(), "\n") {
@@ -220,14 +228,7 @@ func connectionLimit(t *testing.T, adminAddr string) (limit int64, found bool) {
 // on it itself: once the burst is gone, new clients are served.
 func TestAConnectBurstUnderALowFileLimitLeavesTheListenerServing(t *testing.T) {
 	const fileLimit, dialers, perDialer = 256, 8, 150
-	backend := chaintest.NewEchoBackend(t)
-	hop, adminAddr := freeAddr(t), freeAddr(t)
-	path := writeConfig(t, fmt.Sprintf(`{"admin": {"listen": %q},
-		"apps": {"layer4": {"servers": {"hop": {"listen": [%q],
-			"routes": [{"handle": [{"handler": "chain", "upstreams": [{"dial": [%q]}]}]}]}}}}}`,
-		adminAddr, hop, backend.Addr))
-	p := startCaddyCommand(t, nil, []string{hop, adminAddr}, "sh", "-c", `ulimit -n `+strconv.Itoa(fileLimit)+` && exec "$0" "$@"`,
-		caddyBinary(t), "run", "--config", path)
+	p, hop, adminAddr := startHopUnderFileLimit(t, fileLimit)
 	p.waitOutput(t, "serving initial configuration", 10*time.Second)
 
 	// The burst: every dialer connects as fast as it can, sends a byte

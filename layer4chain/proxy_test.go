@@ -464,15 +464,7 @@ func TestASlowSteadyReaderIsNeverCutByAnInactivityLimit(t *testing.T) {
 				c.(*net.TCPConn).SetWriteBuffer(256 << 10)
 				return p.Serve(c, nil, ClientMeta{Server: h.Addr}), true
 			})
-			d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-				return rc.Control(func(fd uintptr) {
-					syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10)
-				})
-			}}
-			c, err := d.Dial("tcp", h.Addr)
-			if err != nil {
-				t.Fatal(err)
-			}
+			c := dialSmallReceiveBuffer(t, h.Addr)
 			defer c.Close()
 			io.WriteString(c, "GET\n")
 			if halfClose {
@@ -551,15 +543,7 @@ func TestAReaderThatNeverReadsIsCutAtTheLimitWithoutSpinning(t *testing.T) {
 	var before syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
 	start := time.Now()
-	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
-		return rc.Control(func(fd uintptr) {
-			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10)
-		})
-	}}
-	c, err := d.Dial("tcp", h.Addr)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := dialSmallReceiveBuffer(t, h.Addr)
 	defer c.Close()
 	if r := h.reason(t); r != ReasonIdleTimeout {
 		t.Fatalf("closed with %s, want idle_timeout", r)
@@ -574,4 +558,21 @@ func TestAReaderThatNeverReadsIsCutAtTheLimitWithoutSpinning(t *testing.T) {
 	if cpu > limit/3 {
 		t.Errorf("the blocked write used %v of CPU while it waited %v", cpu, elapsed)
 	}
+}
+
+// dialSmallReceiveBuffer connects to addr with a 16 KiB receive buffer, set
+// before the handshake so the window never grows past it: a slow reader's
+// backpressure reaches the hop at once.
+func dialSmallReceiveBuffer(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) {
+			syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 16<<10)
+		})
+	}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }

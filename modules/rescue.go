@@ -34,8 +34,9 @@ const (
 	// checks must span seconds, longer than a burst a live accept loop
 	// is still working through.
 	watchEvery = time.Second
-	// rescanEvery is how many checks reuse the listening sockets found
-	// before /proc/self/fd is read again (one system call per descriptor).
+	// rescanEvery spaces the scans of /proc/self/fd (a few system calls
+	// per descriptor, so per connection) while no listener is known yet;
+	// once found, listeners are scanned for again only when one is gone.
 	rescanEvery = 10
 	// queueSamples is how many times a check reads a held queue.
 	queueSamples = 3
@@ -48,7 +49,8 @@ const (
 type listenerWatch struct {
 	app     *App
 	sockets []layer4chain.ListeningSocket
-	checks  int                       // since the last scan
+	checks  int                       // since the watch began
+	stale   bool                      // a known socket is gone: scan again
 	last    time.Time                 // of the last check
 	held    map[netip.AddrPort]int    // checks in a row that found the queue held
 	queued  map[netip.AddrPort]uint32 // the queue at the last check
@@ -72,7 +74,8 @@ func (w *listenerWatch) check(now time.Time) {
 	if w.held == nil {
 		w.held, w.queued, w.rescued = map[netip.AddrPort]int{}, map[netip.AddrPort]uint32{}, map[netip.AddrPort]func(){}
 	}
-	if w.checks%rescanEvery == 0 || len(w.sockets) == 0 {
+	if w.stale || (len(w.sockets) == 0 && w.checks%rescanEvery == 0) {
+		w.stale = false
 		addrs, err := listenAddrs(l4)
 		if err != nil {
 			return
@@ -90,6 +93,7 @@ func (w *listenerWatch) check(now time.Time) {
 		checked[s.Local] = true
 		s, ok := lowestQueue(s)
 		if !ok {
+			w.stale = true
 			continue
 		}
 		if s.Queued > 0 && s.Queued >= w.queued[s.Local] {

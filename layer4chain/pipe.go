@@ -87,7 +87,8 @@ type direction struct {
 	tls *tls.Conn
 	one [1]byte
 
-	writeDeadline time.Time
+	writeDeadline time.Time   // as last set on dst by this direction
+	rearmWrite    atomic.Bool // the other direction set dst's write deadline
 
 	// Parking (detached pipes only; see defaultParkAfter).
 	state      atomic.Int32 // running, parked or finished
@@ -295,7 +296,12 @@ func (d *direction) armWrite(now time.Time) {
 			dl = check
 		}
 	}
-	if dl.Equal(d.writeDeadline) || (!d.writeDeadline.IsZero() && !dl.IsZero() && !dl.Before(d.writeDeadline) && dl.Sub(d.writeDeadline) < lim/8) {
+	// dl is after now (or zero: no deadline), as the connection has not
+	// expired. A deadline kept must be too: one already passed would fail
+	// every Write at once, without waiting.
+	// The other direction moved dst's deadline when it half-closed.
+	rearm := d.rearmWrite.Load() && d.rearmWrite.CompareAndSwap(true, false)
+	if !rearm && (dl.Equal(d.writeDeadline) || (d.writeDeadline.After(now) && !dl.IsZero() && !dl.Before(d.writeDeadline) && dl.Sub(d.writeDeadline) < lim/8)) {
 		return // a shorter limit (the half-closed state's) always applies at once
 	}
 	d.writeDeadline = dl
@@ -506,7 +512,15 @@ func (d *direction) finish() {
 		d.p.fail(d.dstReset, true)
 		return
 	}
-	_ = d.dst.SetReadDeadline(time.Now())
+	now := time.Now()
+	_ = d.dst.SetReadDeadline(now)
+	// A write of the other direction blocked under the established limit
+	// re-arms with the half-close limit too (a TLS write would not survive
+	// the wake: it keeps its deadline, and the sweep enforces the rest).
+	if _, isTLS := d.src.(*tls.Conn); !isTLS {
+		_ = d.src.SetWriteDeadline(now)
+		d.other().rearmWrite.Store(true) // after: its next arm must set a deadline again
+	}
 }
 
 func (d *direction) readFailed(err error) {

@@ -528,35 +528,64 @@ func TestClosedFromOutsideDuringTheDialBlamesNoUpstream(t *testing.T) {
 
 // TestAReaderThatNeverReadsIsCutAtTheLimitWithoutSpinning: a client that
 // takes nothing (its window stays shut, though its kernel keeps answering
-// probes) leaves the hop's write blocked; the connection ends at
-// idle_timeout after the last byte moved, not later, and the blocked write
-// waits for it without burning the CPU.
+// probes) leaves the hop's write blocked; the connection ends at the limit
+// after the last byte moved, not later, and the blocked write waits for it
+// without burning the CPU: when nothing else moves; when a byte the client
+// sends moves the expiry to just after one of the write's checks; and when
+// the client half-closes, which applies the shorter half-close limit to
+// the blocked write at once.
 func TestAReaderThatNeverReadsIsCutAtTheLimitWithoutSpinning(t *testing.T) {
-	const limit = time.Second
 	answer := bytes.Repeat([]byte("d"), 8<<20) // far more than the buffers hold
-	backend := chaintest.NewBackend(t, func(c *net.TCPConn) { c.Write(answer) })
-	p := &Proxy{Balancer: balancerFor(t, backend.Addr), Timeouts: Timeouts{Idle: limit}}
-	h := startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
-		c.(*net.TCPConn).SetWriteBuffer(64 << 10) // full within milliseconds
-		return p.Serve(c, nil, ClientMeta{Server: h.Addr}), true
-	})
-	var before syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &before)
-	start := time.Now()
-	c := dialSmallReceiveBuffer(t, h.Addr)
-	defer c.Close()
-	if r := h.reason(t); r != ReasonIdleTimeout {
-		t.Fatalf("closed with %s, want idle_timeout", r)
-	}
-	elapsed := time.Since(start)
-	var after syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &after)
-	cpu := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
-	if elapsed < limit || elapsed > limit+limit/4 {
-		t.Errorf("a reader that never reads was cut after %v, want the %v limit", elapsed, limit)
-	}
-	if cpu > limit/3 {
-		t.Errorf("the blocked write used %v of CPU while it waited %v", cpu, elapsed)
+	for _, tc := range []struct {
+		name     string
+		limits   Timeouts
+		client   func(c net.Conn) // what the client does while it never reads
+		reason   CloseReason
+		min, max time.Duration // when the connection must end, from the dial
+	}{
+		{"silent", Timeouts{Idle: time.Second}, func(net.Conn) {}, ReasonIdleTimeout, time.Second, 1250 * time.Millisecond},
+		// The write checks every half second (a quarter of the limit);
+		// the byte at 0.7 s makes the expiry 2.7 s, a fifth of a second
+		// after the check at 2.5 s.
+		{"a byte moves the expiry", Timeouts{Idle: 2 * time.Second}, func(c net.Conn) {
+			time.Sleep(700 * time.Millisecond)
+			c.Write([]byte{'x'})
+		}, ReasonIdleTimeout, 2700 * time.Millisecond, 3 * time.Second},
+		{"half-closed while blocked", Timeouts{Idle: time.Hour, HalfClose: 300 * time.Millisecond}, func(c net.Conn) {
+			time.Sleep(200 * time.Millisecond) // the buffers are full by then
+			c.(*net.TCPConn).CloseWrite()
+		}, ReasonHalfCloseTimeout, 500 * time.Millisecond, 900 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			backend := chaintest.NewBackend(t, func(c *net.TCPConn) {
+				c.Write(answer)
+				io.Copy(io.Discard, c) // until the hop closes
+			})
+			p := &Proxy{Balancer: balancerFor(t, backend.Addr), Timeouts: tc.limits}
+			h := startHopServing(t, p, func(h *hop, c net.Conn) (CloseReason, bool) {
+				c.(*net.TCPConn).SetWriteBuffer(64 << 10) // full within milliseconds
+				return p.Serve(c, nil, ClientMeta{Server: h.Addr}), true
+			})
+			var before syscall.Rusage
+			syscall.Getrusage(syscall.RUSAGE_SELF, &before)
+			start := time.Now()
+			c := dialSmallReceiveBuffer(t, h.Addr)
+			defer c.Close()
+			tc.client(c)
+			if r := h.reason(t); r != tc.reason {
+				t.Fatalf("closed with %s, want %s", r, tc.reason)
+			}
+			elapsed := time.Since(start)
+			var after syscall.Rusage
+			syscall.Getrusage(syscall.RUSAGE_SELF, &after)
+			cpu := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
+			if elapsed < tc.min || elapsed > tc.max {
+				t.Errorf("cut after %v, want between %v and %v", elapsed, tc.min, tc.max)
+			}
+			if cpu > 100*time.Millisecond {
+				t.Errorf("the blocked write used %v of CPU while it waited %v", cpu, elapsed)
+			}
+		})
 	}
 }
 

@@ -152,9 +152,10 @@ func (w *listenerWatch) rescue(l4 *layer4.App, s layer4chain.ListeningSocket) {
 		return
 	}
 	w.rescued[s.Local] = stop
-	logger.Error("a layer4 listener stopped accepting: its accept queue held connections at every check; "+
-		"caddy-l4's accept loop ends on an accept error (EMFILE when the process runs out of file descriptors), "+
-		"so layer4chain accepts on it too, until the config is reloaded; raise the file limit (ulimit -n, LimitNOFILE)",
+	logger.Error("a layer4 listener's accept queue held connections at three checks in a row: "+
+		"caddy-l4's accept loop has ended (it ends on an accept error, EMFILE when the process runs out of file descriptors) "+
+		"or cannot keep up; layer4chain accepts on it too, until the config is reloaded; "+
+		"if the process ran out of descriptors, raise the file limit (ulimit -n, LimitNOFILE)",
 		zap.String("server", name), zap.String("listener", s.Local.String()), zap.Uint32("queued", s.Queued))
 }
 

@@ -296,10 +296,10 @@ func (d *direction) armWrite(now time.Time) {
 			dl = check
 		}
 	}
-	// dl is after now (or zero: no deadline), as the connection has not
-	// expired. A deadline kept must be too: one already passed would fail
-	// every Write at once, without waiting.
-	// The other direction moved dst's deadline when it half-closed.
+	// The deadline set last is kept unless the other direction moved it
+	// (it half-closed), or it has passed: dl lies after now (or is zero, no
+	// deadline), as the connection has not expired, and a passed deadline
+	// would fail every Write at once, without waiting.
 	rearm := d.rearmWrite.Load() && d.rearmWrite.CompareAndSwap(true, false)
 	if !rearm && (dl.Equal(d.writeDeadline) || (d.writeDeadline.After(now) && !dl.IsZero() && !dl.Before(d.writeDeadline) && dl.Sub(d.writeDeadline) < lim/8)) {
 		return // a shorter limit (the half-closed state's) always applies at once

@@ -126,7 +126,7 @@ func (adminAPI) handleConnection(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
-	if err != nil || id == 0 || strings.HasPrefix(r.PathValue("id"), "0") { // IDs start at 1, spelled as listed
+	if err != nil || strings.HasPrefix(r.PathValue("id"), "0") { // IDs start at 1, spelled as listed
 		return apiError(http.StatusBadRequest, "invalid connection id %q: want a positive integer", r.PathValue("id"))
 	}
 	rec, ok := processTracker().Get(id)

@@ -329,14 +329,14 @@ func (a *App) unbind() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	return layer4chain.ShutdownListeners(func(local netip.AddrPort) bool {
-		for _, na := range addrs {
-			if matchesListenAddr(na, local) {
-				return true
-			}
-		}
-		return false
-	})
+	return layer4chain.ShutdownListeners(listensOn(addrs))
+}
+
+// listensOn says whether a socket bound to local serves one of addrs.
+func listensOn(addrs []caddy.NetworkAddress) func(local netip.AddrPort) bool {
+	return func(local netip.AddrPort) bool {
+		return slices.ContainsFunc(addrs, func(na caddy.NetworkAddress) bool { return matchesListenAddr(na, local) })
+	}
 }
 
 // layer4 returns this config's layer4 app, nil if it has none.

@@ -7,7 +7,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
 
@@ -24,8 +23,8 @@ import (
 // listener whose queue holds connections at stalledChecks checks in a row,
 // never shrinking, is taken for dead: the app accepts on it itself, with
 // the backoff net/http uses, through the same routes, until this config
-// stops. A false alarm (a queue caught non-empty under a steady flood)
-// costs only a second accept loop on a live listener.
+// stops. A live loop that a flood keeps behind for seconds looks the same;
+// for it, the second accept loop only helps drain the queue.
 const (
 	// stalledChecks is how many checks in a row find a listener's queue
 	// held before it is rescued.
@@ -80,9 +79,7 @@ func (w *listenerWatch) check(now time.Time) {
 		if err != nil {
 			return
 		}
-		w.sockets, _ = layer4chain.ListeningSockets(func(local netip.AddrPort) bool {
-			return slices.ContainsFunc(addrs, func(na caddy.NetworkAddress) bool { return matchesListenAddr(na, local) })
-		})
+		w.sockets, _ = layer4chain.ListeningSockets(listensOn(addrs))
 	}
 	w.checks++
 	checked := make(map[netip.AddrPort]bool, len(w.sockets))
@@ -171,7 +168,7 @@ func (w *listenerWatch) stop() {
 func serverOf(l4 *layer4.App, local netip.AddrPort) (string, *layer4.Server) {
 	for _, name := range slices.Sorted(maps.Keys(l4.Servers)) {
 		addrs, err := serverListenAddrs(name, l4.Servers[name])
-		if err == nil && slices.ContainsFunc(addrs, func(na caddy.NetworkAddress) bool { return matchesListenAddr(na, local) }) {
+		if err == nil && listensOn(addrs)(local) {
 			return name, l4.Servers[name]
 		}
 	}
